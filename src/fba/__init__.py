@@ -1,0 +1,54 @@
+"""fba: supervised local learning with Feature Bank Augmented auxiliary networks.
+
+The heavy parts (torch models, datasets, the trainer) load on first use, so ``import fba``
+stays light.
+
+    >>> import fba
+    >>> learner = fba.build_learner(model="resnet32", method="fba", K=16, num_classes=10)
+    >>> stats = learner.train_step(images, labels)
+    >>> model = learner.export()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["build_learner", "list_models", "list_methods", "list_datasets", "bench", "FBAError", "__version__"]
+
+from fba.errors import FBAError
+
+
+def build_learner(*args: Any, **kwargs: Any):
+    from fba.build import build_learner as _build
+
+    return _build(*args, **kwargs)
+
+
+build_learner.__doc__ = "Build a LocalLearner; see :func:`fba.build.build_learner`."
+
+
+def list_models() -> list[str]:
+    from fba.tasks.classification.models import MODELS
+
+    return MODELS.names()
+
+
+def list_methods() -> list[str]:
+    from fba.methods import list_methods as _list
+
+    return _list()
+
+
+def list_datasets() -> list[str]:
+    from fba.tasks.classification.data import DATASETS
+
+    return DATASETS.names()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "bench":
+        import importlib
+
+        return importlib.import_module("fba.bench")
+    raise AttributeError(f"module 'fba' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""Peak training memory.
+
+On CUDA the figure is ``torch.cuda.max_memory_allocated`` around the measured steps. On
+CPU it is the peak of live tensor bytes, counted by a dispatch-mode tracker that sees every
+tensor created by an operator (forward, backward and optimizer alike) and notices when its
+storage is freed. The CPU figure is deterministic: it depends only on the model, the
+method and the shapes, not on the host, so it can be compared across machines and runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts bytes of live tensor storages and records the peak.
+
+    Storages that existed before the tracker started are counted once registered with
+    :meth:`register`. At each new peak the tracker asks ``categories`` (name -> callable
+    returning tensors) which live storages belong to them, giving a breakdown of the peak.
+    """
+
+    def __init__(self, categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.categories = dict(categories or {})
+        self.peak_breakdown: dict[str, int] = {}
+
+    def register(self, tensors: Iterable[Tensor | None]) -> None:
+        for t in tensors:
+            if isinstance(t, Tensor):
+                self._track(t)
+        self._update_peak()
+
+    def _track(self, t: Tensor) -> None:
+        if t.device.type == "meta" or t.is_sparse:
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = storage.data_ptr() if storage.nbytes() else id(storage)
+        if key in self.live or storage.nbytes() == 0:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += storage.nbytes()
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        nbytes = self.live.pop(key, 0)
+        self.current -= nbytes
+
+    def _update_peak(self) -> None:
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_breakdown = self._breakdown()
+
+    def _breakdown(self) -> dict[str, int]:
+        counted: set[int] = set()
+        out: dict[str, int] = {}
+        for name, tensors in self.categories.items():
+            total = 0
+            for t in tensors():
+                if not isinstance(t, Tensor) or t.device.type == "meta":
+                    continue
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live and key not in counted:
+                    counted.add(key)
+                    total += self.live[key]
+            out[name] = total
+        out["activations"] = self.current - sum(out.values())
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self._track(t)
+        self._update_peak()
+        return out
+
+
+def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = None,
+                existing: Iterable[Tensor] = (),
+                categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None) -> dict[str, Any]:
+    """Run ``fn()`` and report its peak memory in bytes.
+
+    Args:
+        fn: the work to measure (e.g. two training steps).
+        device: ``cuda`` devices use the CUDA allocator's peak; anything else the CPU tracker.
+        existing: tensors alive before ``fn`` that count towards the peak (parameters,
+            inputs, optimizer state, the bank).
+        categories: name -> callable returning the tensors of that kind (CPU only); the
+            peak is split into these plus ``activations`` (everything else).
+
+    Returns:
+        ``{"peak_bytes": int, "breakdown": {name: bytes}, "backend": "cuda" | "cpu-tracker"}``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": int(peak), "breakdown": {"before": int(base)}, "backend": "cuda"}
+    tracker = LiveTensorTracker(categories)
+    tracker.register(existing)
+    with tracker:
+        fn()
+    return {"peak_bytes": int(tracker.peak), "breakdown": dict(tracker.peak_breakdown), "backend": "cpu-tracker"}

@@ -1,0 +1,96 @@
+"""Side-by-side measurement of methods on one model and input shape."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from fba.bench.memory import peak_memory
+from fba.build import build_learner, resolve_device
+
+
+def _synthetic_batch(batch_size: int, in_channels: int, input_size: int, num_classes: int, num_samples: int,
+                     device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    indices = torch.randperm(num_samples, generator=generator)[:batch_size]
+    return images, labels, indices
+
+
+def _learner(cfg: Mapping[str, Any], method: str, num_classes: int, in_channels: int, num_samples: int):
+    return build_learner(dict(cfg), method=method, num_classes=num_classes, in_channels=in_channels,
+                         num_samples=num_samples)
+
+
+def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int, input_size: int,
+                   in_channels: int = 3, num_classes: int = 10, steps: int = 2, num_samples: int = 50_000,
+                   progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """Peak training memory of each method over ``steps`` training steps, with a breakdown.
+
+    The first step allocates gradients and optimizer state, so two steps capture the steady
+    state. Rows carry ``peak_bytes``, ``params``, ``grads``, ``optimizer``, ``bank``,
+    ``activations`` and ``ratio_to_bp`` (when ``bp`` is among the methods).
+    """
+    device = resolve_device(cfg["device"])
+    rows = []
+    for method in methods:
+        progress(f"memory: {method} ...")
+        learner = _learner(cfg, method, num_classes, in_channels, num_samples)
+        images, labels, indices = _synthetic_batch(batch_size, in_channels, input_size, num_classes, num_samples, device, cfg["seed"])
+        bank = learner.bank
+        categories = {
+            "params": lambda: [*learner.parameters(), *learner.buffers()],
+            "grads": lambda: [p.grad for p in learner.parameters() if p.grad is not None],
+            "optimizer": lambda: [t for opt in learner.optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)],
+            "bank": lambda: bank.tensors() if bank is not None else [],
+        }
+        existing = [images, labels, indices, *learner.parameters(), *learner.buffers(), *categories["bank"]()]
+        result = peak_memory(lambda: [learner.train_step(images, labels, indices) for _ in range(steps)],
+                             device=device, existing=existing, categories=categories)
+        row = {"method": method, "model": cfg["model"], "K": learner.K, "batch_size": batch_size,
+               "input_size": input_size, "peak_bytes": result["peak_bytes"], "backend": result["backend"]}
+        row.update({k: result["breakdown"].get(k) for k in ("params", "grads", "optimizer", "bank", "activations")})
+        if bank is not None:
+            row["bank_storage_bytes"] = bank.nbytes()
+        rows.append(row)
+        del learner
+    _add_ratio(rows, "peak_bytes", "memory_ratio_to_bp")
+    return rows
+
+
+def measure_time(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int, input_size: int,
+                 in_channels: int = 3, num_classes: int = 10, warmup: int = 2, steps: int = 10,
+                 num_samples: int = 50_000, progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """Median seconds per training step after ``warmup`` steps (CUDA synchronised)."""
+    device = resolve_device(cfg["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    rows = []
+    for method in methods:
+        progress(f"time: {method} ...")
+        learner = _learner(cfg, method, num_classes, in_channels, num_samples)
+        images, labels, indices = _synthetic_batch(batch_size, in_channels, input_size, num_classes, num_samples, device, cfg["seed"])
+        for _ in range(warmup):
+            learner.train_step(images, labels, indices)
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            learner.train_step(images, labels, indices)
+            sync()
+            times.append(time.perf_counter() - start)
+        rows.append({"method": method, "model": cfg["model"], "K": learner.K, "batch_size": batch_size,
+                     "input_size": input_size, "seconds_per_step": statistics.median(times),
+                     "iqr_seconds": (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) if len(times) > 1 else 0.0})
+        del learner
+    _add_ratio(rows, "seconds_per_step", "time_ratio_to_bp")
+    return rows
+
+
+def _add_ratio(rows: list[dict[str, Any]], key: str, ratio_key: str) -> None:
+    base = next((r[key] for r in rows if r["method"] == "bp"), None)
+    for r in rows:
+        r[ratio_key] = (r[key] / base) if base else None

@@ -1,0 +1,164 @@
+"""The one layer that turns a config into objects. Modules never see a config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from fba.config import resolve_config
+from fba.errors import ConfigError, FBAError
+
+_API_KEYS = {"task", "model", "method", "K", "partition", "cuts", "seed", "device", "precision"}
+
+
+def config_from_api(config: str | Path | Mapping[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``build_learner``'s keyword arguments into a validated config.
+
+    Top-level keys (``model``, ``method``, ``K``, ...) are passed as is; anything else may be
+    a dotted key (``**{"fba.bank.source": "longterm"}``) or a section dict (``fba={...}``).
+    """
+    overrides = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels", "num_samples")}
+    return resolve_config(config, overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'device': {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} requested but CUDA is not available")
+    return device
+
+
+def build_model(name: str, num_classes: int, in_channels: int):
+    from fba.tasks.classification.models import MODELS
+
+    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
+
+
+def build_task(name: str):
+    from fba.tasks.classification.task import ClassificationTask
+
+    if name != "classification":
+        raise ConfigError(f"config key 'task': {name!r} is not available yet; choose classification")
+    return ClassificationTask()
+
+
+def build_method(config: Mapping[str, Any]):
+    from fba.methods import get_method
+
+    cls = get_method(config["method"])
+    if cls.name == "fba":
+        opts, bank = config["fba"], config["fba"]["bank"]
+        return cls(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
+                   bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
+                   bank_storage=bank["storage"], bank_dtype=bank["dtype"])
+    return cls()
+
+
+def optimizer_factory(optim: Mapping[str, Any]):
+    def make(params):
+        params = list(params)
+        if optim["name"] == "sgd":
+            return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"],
+                                   nesterov=optim["nesterov"] and optim["momentum"] > 0, weight_decay=optim["weight_decay"])
+        cls = torch.optim.Adam if optim["name"] == "adam" else torch.optim.AdamW
+        return cls(params, lr=optim["lr"], weight_decay=optim["weight_decay"])
+
+    return make
+
+
+def scheduler_factory(optim: Mapping[str, Any], total_steps: int | None, steps_per_epoch: int | None):
+    """Per-step LR: linear warm-up over ``warmup_epochs``, then cosine to zero (or constant)."""
+    if not total_steps:
+        return None
+    warmup = int(round(optim["warmup_epochs"] * (steps_per_epoch or 0)))
+    cosine = optim["schedule"] == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, num_classes: int | None = None,
+                  in_channels: int | None = None, num_samples: int | None = None,
+                  total_steps: int | None = None, steps_per_epoch: int | None = None, **kwargs: Any):
+    """Build a :class:`~fba.engine.learner.LocalLearner` from a config file, dict or keywords.
+
+    Examples:
+        >>> learner = build_learner(model="resnet32", method="fba", K=16, num_classes=10)
+        >>> learner = build_learner("configs/cifar10_fba.yaml", num_classes=10)
+
+    Args:
+        config: YAML path or (partial) config dict; keywords override it.
+        num_classes, in_channels: model shape (defaults 10 and 3).
+        num_samples: training-set size, needed by the long-term bank.
+        total_steps, steps_per_epoch: enable the per-step LR schedule.
+        **kwargs: config keys, e.g. ``method="fba"``, ``K=4``, ``optim={"lr": 0.05}``,
+            ``**{"fba.bank.source": "longterm"}``.
+    """
+    from fba.engine.learner import LocalLearner
+    from fba.engine.partition import partition_units
+    from fba.methods.base import BuildContext
+
+    cfg = config_from_api(config, kwargs)
+    torch.manual_seed(cfg["seed"])
+    device = resolve_device(cfg["device"])
+    task = build_task(cfg["task"])
+    method = build_method(cfg)
+    model = build_model(cfg["model"], num_classes or 10, in_channels or 3)
+    K = 1 if method.end_to_end else cfg["K"]
+    groups = partition_units(model.specs, K, cfg["partition"] if not method.end_to_end else "count",
+                             None if method.end_to_end else cfg["cuts"])
+    ctx = BuildContext(model=model, groups=groups, task=task, num_samples=num_samples, extra={"device": device})
+    try:
+        aux_nets = method.build_aux_nets(ctx)
+        bank = method.build_bank(ctx)
+    except ValueError as error:
+        raise FBAError(f"method {cfg['method']!r} on {cfg['model']!r}: {error}") from None
+    method.bind(ctx)
+    step_mode = cfg["optim"]["step"]
+    if step_mode == "auto":
+        step_mode = method.default_step
+    modules = [method.module_from_units([model.units[i] for i in group]) for group in groups]
+    model.plain.to(device)
+    for aux in aux_nets:
+        aux.to(device)
+    learner = LocalLearner(
+        plain=model.plain, local_modules=modules, head=model.head, aux_nets=aux_nets, method=method, task=task,
+        make_optimizer=optimizer_factory(cfg["optim"]),
+        make_scheduler=scheduler_factory(cfg["optim"], total_steps, steps_per_epoch),
+        step_mode=step_mode, bank=bank, precision=cfg["precision"],
+    ).to(device)
+    learner.config = cfg
+    learner.groups = groups
+    return learner
+
+
+def build_datasets(cfg: Mapping[str, Any]):
+    from fba.tasks.classification.data import DATASETS
+
+    data = cfg["data"]
+    builder = DATASETS.get(data["name"])
+    return builder(root=data["root"], download=data["download"], augment=data["augment"],
+                   per_class_train=data["per_class_train"], per_class_test=data["per_class_test"],
+                   image_size=data["image_size"])
+
+
+def model_summary(learner: nn.Module) -> dict[str, int]:
+    plain = sum(p.numel() for p in learner.plain.parameters())
+    aux = sum(p.numel() for p in learner.aux_nets.parameters())
+    return {"backbone_and_head_params": plain, "aux_params": aux}

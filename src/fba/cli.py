@@ -1,0 +1,238 @@
+"""The ``fba`` command line: train, eval, bench, export, list.
+
+User errors (bad config, unknown names, missing data, a diverging loss) print one line
+``fba: error: ...`` on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            from fba.errors import ConfigError
+
+            raise ConfigError(f"unexpected argument {item!r}: give at most one CONFIG.yaml, then key=value overrides")
+    return config, overrides
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fba.config import resolve_config
+    from fba.training.trainer import Trainer
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    cfg = resolve_config(config_path, overrides)
+    if cfg["resume"]:
+        resume_overrides = [o for o in overrides if not o.startswith("resume=")]
+        trainer = Trainer.resume(cfg["resume"], resume_overrides)
+    else:
+        trainer = Trainer(cfg)
+    summary = trainer.fit()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"done: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch, run folder {summary['run_dir']}")
+    return 0
+
+
+def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
+    from fba.errors import FBAError
+    from fba.training.checkpoint import WEIGHTS
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        return p.parent.parent, p
+    if (p / "checkpoints" / WEIGHTS).is_file():
+        return p, p / "checkpoints" / WEIGHTS
+    raise FBAError(f"{path!r} is neither a run folder with a checkpoint nor a .safetensors checkpoint")
+
+
+def _learner_from_run(path: str, overrides: list[str]):
+    from fba.build import build_datasets, build_learner
+    from fba.config import load_yaml, resolve_config
+    from fba.training.checkpoint import load_weights
+
+    run_dir, weights = _run_dir_and_weights(path)
+    cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
+    train_set, test_set, info = build_datasets(cfg)
+    learner = build_learner(cfg, num_classes=info.num_classes, in_channels=info.in_channels, num_samples=info.num_train)
+    learner.load_weights(load_weights(weights))
+    return cfg, learner, test_set, info
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from fba.build import resolve_device
+
+    cfg, learner, test_set, _ = _learner_from_run(args.run, args.overrides)
+    loader = DataLoader(test_set, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"])
+    metrics = learner.task.evaluate(learner, loader, resolve_device(cfg["device"]))
+    result = {"run": args.run, "dataset": cfg["data"]["name"], **metrics}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    cfg, learner, _, info = _learner_from_run(args.run, [])
+    model = learner.export()
+    out = Path(args.out) if args.out else _run_dir_and_weights(args.run)[0] / "export" / "model.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"model": cfg["model"], "num_classes": str(info.num_classes), "in_channels": str(info.in_channels),
+            "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    save_file(state, str(out), metadata=meta)
+    result = {"path": str(out), "params": sum(v.numel() for v in model.parameters()), **meta}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"exported {meta['class']} ({result['params']:,} parameters) to {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fba.bench import report, runner
+    from fba.config import resolve_config
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    cfg = resolve_config(config_path, overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from fba.methods import get_method
+
+    for m in methods:
+        get_method(m)
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
+    common = dict(batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
+                  num_classes=args.num_classes, num_samples=args.num_samples, progress=log)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out or Path(cfg["train"]["runs_dir"]) / "bench" / f"{stamp}-{args.what}-{cfg['model']}")
+    title = f"{cfg['model']}, batch {args.batch_size}, {args.input_size}x{args.input_size}"
+    if args.what == "memory":
+        rows = runner.measure_memory(cfg, methods, steps=args.steps, **common)
+        columns = ["method", "K", "peak_bytes", "params", "grads", "optimizer", "bank", "activations", "memory_ratio_to_bp"]
+        chart = report.memory_chart(rows, out_dir / "memory.png", f"peak training memory: {title} ({rows[0]['backend']})")
+    else:
+        rows = runner.measure_time(cfg, methods, warmup=args.warmup, steps=args.steps, **common)
+        columns = ["method", "K", "seconds_per_step", "iqr_seconds", "time_ratio_to_bp"]
+        chart = report.time_chart(rows, out_dir / "time.png", f"step time: {title}")
+    files = report.write_tables(rows, columns, out_dir, args.what) + [chart]
+    if args.json:
+        _print_json({"rows": rows, "files": [str(f) for f in files]})
+    else:
+        print(report.text_table(rows, columns))
+        print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from fba.methods import list_methods
+    from fba.tasks.classification.data import DATASETS
+    from fba.tasks.classification.models import MODELS
+
+    listing = {"models": MODELS.names(), "methods": list_methods(), "datasets": DATASETS.names()}
+    if args.what:
+        listing = {args.what: listing[args.what]}
+    for kind, names in listing.items():
+        print(f"{kind}: {', '.join(names)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fba", description="Supervised local learning with Feature Bank Augmented auxiliary networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,export,list}")
+
+    p = sub.add_parser("train", help="train a model (no argument: FBA, ResNet-32, K=16 on the built-in digits)",
+                       description="Train. ITEMS: an optional CONFIG.yaml, then key=value overrides with dotted keys "
+                                   "(e.g. data.batch_size=64 method=bp K=4). resume=RUN_DIR continues a run.")
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test split")
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT.safetensors")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... device=cpu")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="measure peak training memory or step time of several methods side by side")
+    p.add_argument("what", choices=["memory", "time"])
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="model=..., K=..., fba.* options")
+    p.add_argument("--methods", default="bp,bp_checkpoint,fba", help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default: %(default)s)")
+    p.add_argument("--in-channels", type=int, default=3, help="default: %(default)s")
+    p.add_argument("--num-classes", type=int, default=10, help="default: %(default)s")
+    p.add_argument("--num-samples", type=int, default=50_000, help="dataset size for the long-term bank (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default: 2 for memory, 10 for time)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps before timing (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/bench/<time>-<what>-<model>)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write the plain inference model (backbone + head) as safetensors")
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT.safetensors")
+    p.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/model.safetensors)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("list", help="list models, methods and datasets")
+    p.add_argument("what", nargs="?", choices=["models", "methods", "datasets"])
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    from fba.errors import ConfigError
+
+    if args.command != "bench":
+        return
+    if args.steps is None:
+        args.steps = 2 if args.what == "memory" else 10
+    for name in ("batch_size", "input_size", "in_channels", "num_classes", "num_samples", "steps"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fba.errors import FBAError
+
+    args = build_parser().parse_args(argv)
+    try:
+        _check_bench_args(args)
+        return args.func(args)
+    except FBAError as error:
+        print(f"fba: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fba: interrupted; a run continues from its last checkpoint with: fba train resume=RUN_DIR", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

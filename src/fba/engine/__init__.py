@@ -1,0 +1,1 @@
+"""Task-agnostic local-learning engine: partition, learner (the local step), bank, fusion."""

@@ -1,0 +1,152 @@
+"""The feature bank: detached, training-only features that auxiliary networks read.
+
+Sources (DESIGN section 4):
+- ``inpass``: features written earlier in the same step. Module k's auxiliary network reads
+  the summaries of modules 0..k-1 (concatenated). Costs no extra compute.
+- ``longterm``: per-sample summaries of the last module kept across steps, indexed by the
+  dataset sample index: written when a sample passes, read at its next visit. Stored
+  compactly (fp16 by default, on CPU by default), ``num_samples * dim`` values.
+- ``lookahead``: one no-grad forward of the whole backbone at the start of the step fills
+  the summary of every module for the current batch; auxiliary networks read the deepest.
+
+Nothing stored here carries autograd history, and the bank is never read in eval.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+BANK_SOURCES = ("none", "inpass", "longterm", "lookahead")
+BANK_USAGES = ("input", "target")
+
+
+def bank_read_channels(source: str, module_channels: Sequence[int], k: int) -> int:
+    """Channels of what the bank returns to module k's auxiliary network (0: nothing)."""
+    if source == "inpass":
+        return sum(module_channels[:k])
+    if source in ("longterm", "lookahead"):
+        return module_channels[-1]
+    return 0
+
+
+class FeatureBank:
+    """Stores per-module summaries of backbone features.
+
+    Args:
+        source: one of :data:`BANK_SOURCES`.
+        module_channels: channels of each module's summary (length K).
+        summarize: maps a module's output map to what is stored (e.g. global average
+            pooling for classification).
+        num_samples: dataset size; required by ``longterm``.
+        storage_device: where the long-term table lives (``"cpu"`` keeps GPU memory free).
+        storage_dtype: dtype of the long-term table.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        module_channels: Sequence[int],
+        summarize: Callable[[Tensor], Tensor],
+        num_samples: int | None = None,
+        storage_device: str | torch.device = "cpu",
+        storage_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        if source not in BANK_SOURCES:
+            raise ValueError(f"bank source must be one of {BANK_SOURCES}, got {source!r}")
+        self.source = source
+        self.module_channels = list(module_channels)
+        self.summarize = summarize
+        self._step: dict[int, Tensor] = {}
+        self._indices: Tensor | None = None
+        self.table: Tensor | None = None
+        self.filled: Tensor | None = None
+        if source == "longterm":
+            if not num_samples:
+                raise ValueError("the long-term bank needs num_samples (the training set size)")
+            self.table = torch.zeros(num_samples, self.module_channels[-1], dtype=storage_dtype, device=storage_device)
+            self.filled = torch.zeros(num_samples, dtype=torch.bool, device=storage_device)
+
+    # ---- shapes -------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.source != "none"
+
+    @property
+    def needs_lookahead(self) -> bool:
+        return self.source == "lookahead"
+
+    def read_channels(self, k: int) -> int:
+        return bank_read_channels(self.source, self.module_channels, k)
+
+    # ---- one training step ----------------------------------------------------------------
+    def begin_step(self, indices: Tensor | None) -> None:
+        self._step.clear()
+        if self.source == "longterm" and indices is None:
+            raise ValueError("the long-term bank needs the dataset indices of the batch: pass indices= to train_step")
+        self._indices = indices
+
+    def write(self, k: int, h: Tensor) -> None:
+        """Record module k's output (detached) for this step."""
+        if self.source == "inpass" or (self.source == "longterm" and k == len(self.module_channels) - 1):
+            with torch.no_grad():
+                self._step[k] = self.summarize(h.detach()).float()
+
+    def write_lookahead(self, outputs: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            for k, h in enumerate(outputs):
+                self._step[k] = self.summarize(h.detach()).float()
+
+    def read(self, k: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """Bank features for module k's auxiliary network on ``device``, and a mask of valid rows.
+
+        Returns ``(features, valid)``; ``features`` is None when there is nothing to read;
+        ``valid`` is None when every row is valid (only long-term rows can be unfilled).
+        """
+        if self.source == "inpass":
+            if k == 0:
+                return None, None
+            return torch.cat([self._step[j] for j in range(k)], dim=1), None
+        if self.source == "lookahead":
+            return self._step[len(self.module_channels) - 1], None
+        if self.source == "longterm":
+            assert self.table is not None and self.filled is not None and self._indices is not None
+            idx = self._indices.to(self.table.device)
+            return self.table[idx].to(device, torch.float32), self.filled[idx].to(device)
+        return None, None
+
+    def end_step(self) -> None:
+        """Commit this step's last-module summaries to the long-term table."""
+        if self.source == "longterm" and self._step:
+            assert self.table is not None and self.filled is not None and self._indices is not None
+            idx = self._indices.to(self.table.device)
+            last = self._step[len(self.module_channels) - 1]
+            self.table[idx] = last.to(self.table.device, self.table.dtype)
+            self.filled[idx] = True
+        self._step.clear()
+
+    # ---- accounting and persistence --------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the bank right now (long-term table plus this step's features)."""
+        total = sum(t.numel() * t.element_size() for t in self._step.values())
+        if self.table is not None and self.filled is not None:
+            total += self.table.numel() * self.table.element_size() + self.filled.numel()
+        return total
+
+    def tensors(self) -> list[Tensor]:
+        out = list(self._step.values())
+        if self.table is not None and self.filled is not None:
+            out += [self.table, self.filled]
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.table is None or self.filled is None:
+            return {}
+        return {"table": self.table, "filled": self.filled}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.table is not None and self.filled is not None and state:
+            self.table.copy_(state["table"])
+            self.filled.copy_(state["filled"])

@@ -1,0 +1,239 @@
+"""LocalLearner: K gradient-isolated modules, their auxiliary networks, and the local step."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fba.engine.bank import FeatureBank
+from fba.engine.bn import frozen_bn_statistics
+from fba.errors import NonFiniteLossError
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+STEP_MODES = ("global", "per_module")
+
+
+class LocalLearner(nn.Module):
+    """Trains a backbone cut into K modules, each by its own local loss.
+
+    Args:
+        plain: the inference model whose parameters the modules and head share.
+        local_modules: the K modules, in forward order.
+        head: the task head, applied after the last module.
+        aux_nets: K-1 auxiliary networks (empty for end-to-end methods).
+        method: computes each non-last module's local loss.
+        task: provides the task loss for the last module.
+        make_optimizer: builds an optimizer over a parameter iterable.
+        make_scheduler: builds a per-step LR scheduler for an optimizer (optional).
+        step_mode: ``"global"`` or ``"per_module"``.
+        bank: the feature bank, or None.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler on CUDA).
+    """
+
+    def __init__(
+        self,
+        plain: nn.Module,
+        local_modules: Sequence[nn.Module],
+        head: nn.Module,
+        aux_nets: Sequence[nn.Module],
+        method: Any,
+        task: Any,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory | None = None,
+        step_mode: str = "global",
+        bank: FeatureBank | None = None,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {step_mode!r}")
+        if len(aux_nets) not in (0, len(local_modules) - 1):
+            raise ValueError(f"expected {len(local_modules) - 1} auxiliary networks, got {len(aux_nets)}")
+        self.local_modules = nn.ModuleList(local_modules)
+        self.head = head
+        self.aux_nets = nn.ModuleList(aux_nets)
+        # Not registered: its parameters are the modules' and head's, under torchvision's names.
+        object.__setattr__(self, "_plain", plain)
+        self.method = method
+        self.task = task
+        self.step_mode = step_mode
+        self.bank = bank
+        self.precision = precision
+        self.global_step = 0
+        self.optimizers = [make_optimizer(params) for params in self._parameter_groups()]
+        self.schedulers = [make_scheduler(opt) for opt in self.optimizers] if make_scheduler else []
+        self.scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def K(self) -> int:
+        return len(self.local_modules)
+
+    @property
+    def plain(self) -> nn.Module:
+        return self._plain
+
+    def _parameter_groups(self) -> list[list[nn.Parameter]]:
+        """One group for a global step; otherwise module k + aux k, each parameter owned once.
+
+        A parameter shared between an auxiliary network and the main network (the shared-head
+        option) belongs to the module that owns it, so one optimizer steps it.
+        """
+        if self.step_mode == "global":
+            return [list(self.parameters())]
+        owned: set[int] = set()
+        groups: list[list[nn.Parameter]] = []
+        for k, module in enumerate(self.local_modules):
+            params = list(module.parameters()) + (list(self.head.parameters()) if k == self.K - 1 else [])
+            owned.update(id(p) for p in params)
+            groups.append(params)
+        for k, aux in enumerate(self.aux_nets):
+            groups[k] += [p for p in aux.parameters() if id(p) not in owned]
+        return groups
+
+    # ---- the local step --------------------------------------------------------------------
+    def train_step(self, inputs: Tensor, targets: Any, indices: Tensor | None = None) -> dict[str, float]:
+        """One local-learning step (DESIGN section 1).
+
+        Each module runs on the detached output of the previous one, its loss is
+        back-propagated at once (freeing its graph before the next module runs), and with
+        per-module stepping its optimizer steps and drops its gradients right away.
+
+        Args:
+            inputs: a batch, e.g. images ``(N, C, H, W)``.
+            targets: what the task loss compares against (labels ``(N,)`` for classification).
+            indices: dataset indices of the batch ``(N,)``; needed by the long-term bank.
+
+        Returns:
+            ``{"loss": last module's task loss, "loss/k": each module's loss, "lr": lr}``.
+        """
+        self.train()
+        per_module = self.step_mode == "per_module"
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.bank is not None:
+            self.bank.begin_step(indices)
+            if self.bank.needs_lookahead:
+                self.bank.write_lookahead(self._lookahead(inputs))
+
+        losses: list[Tensor] = []
+        h = inputs
+        for k, module in enumerate(self.local_modules):
+            with self._autocast():
+                h = module(h.detach())
+                if self.bank is not None:
+                    self.bank.write(k, h)
+                if k < self.K - 1:
+                    loss = self.method.local_loss(k, self.aux_nets[k], h, targets, self.bank)
+                else:
+                    loss = self.task.loss(self.head(h), targets)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(
+                    f"the loss of module {k} is {loss.item()} at step {self.global_step}; "
+                    "lower the learning rate or use precision=fp32"
+                )
+            self._backward(loss)
+            if per_module:
+                self._step(self.optimizers[k])
+                self.optimizers[k].zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            h = h.detach()
+        if not per_module:
+            self._step(self.optimizers[0])
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.bank is not None:
+            self.bank.end_step()
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.global_step += 1
+
+        values = torch.stack(losses).float().cpu().tolist()
+        out = {"loss": values[-1], "lr": self.optimizers[0].param_groups[0]["lr"]}
+        out.update({f"loss/{k}": v for k, v in enumerate(values)})
+        return out
+
+    def _lookahead(self, inputs: Tensor) -> list[Tensor]:
+        outputs = []
+        with torch.no_grad(), self._autocast(), frozen_bn_statistics(self):
+            h = inputs
+            for module in self.local_modules:
+                h = module(h)
+                outputs.append(h)
+        return outputs
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        device_type = next(self.parameters()).device.type
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        if self.precision == "fp16" and device_type == "cuda" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cuda")
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    # ---- inference -------------------------------------------------------------------------
+    def forward(self, inputs: Tensor) -> Any:
+        """The plain model's computation: modules in order, then the head (no bank, no aux)."""
+        h = inputs
+        for module in self.local_modules:
+            h = module(h)
+        return self.head(h)
+
+    def export(self) -> nn.Module:
+        """A standalone copy of the inference model: backbone and head parameters only."""
+        return copy.deepcopy(self._plain).eval()
+
+    # ---- persistence -----------------------------------------------------------------------
+    def weights(self) -> dict[str, Tensor]:
+        """Flat tensor dict for safetensors: ``model.*`` (plain names) and ``aux.*``."""
+        state = {f"model.{k}": v for k, v in self._plain.state_dict().items()}
+        seen = {v.data_ptr() for v in state.values() if v.numel()}
+        for k, v in self.aux_nets.state_dict().items():
+            if not (v.numel() and v.data_ptr() in seen):  # shared-head tensors are saved once
+                state[f"aux.{k}"] = v
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        model = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+        aux = {k[4:]: v for k, v in state.items() if k.startswith("aux.")}
+        self._plain.load_state_dict(model, strict=True)
+        missing, unexpected = self.aux_nets.load_state_dict(aux, strict=False)
+        shared = {k for k, v in self.aux_nets.state_dict().items() if v.numel() and v.data_ptr() in
+                  {t.data_ptr() for t in self._plain.state_dict().values() if t.numel()}}
+        if unexpected or set(missing) - shared:
+            raise ValueError(f"checkpoint does not match the auxiliary networks: missing {sorted(set(missing) - shared)}, unexpected {sorted(unexpected)}")
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides weights that a resumed run needs."""
+        return {
+            "global_step": self.global_step,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "bank": self.bank.state_dict() if self.bank is not None else {},
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.global_step = state["global_step"]
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(s)
+        if state.get("scaler") is not None:
+            self.scaler = torch.amp.GradScaler("cuda")
+            self.scaler.load_state_dict(state["scaler"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state.get("bank", {}))

@@ -1,0 +1,73 @@
+"""Group a backbone's units into K contiguous gradient-isolated modules.
+
+"K" here is the number of gradient-isolated modules, counting the stem as a unit. For the
+CIFAR ResNet-32 (stem + 15 blocks) K=16 puts the stem alone in module 0 and one block in
+each later module; the last module also owns the task head. K=1 is end-to-end BP.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fba.engine.units import UnitSpec
+from fba.errors import ConfigError
+
+PARTITION_MODES = ("auto", "count", "stage", "cuts")
+
+
+def partition_units(
+    specs: Sequence[UnitSpec],
+    K: int,
+    mode: str = "auto",
+    cuts: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Return K lists of unit indices, contiguous and covering every unit once.
+
+    Args:
+        specs: the units' shape specs, in forward order.
+        K: number of modules.
+        mode: ``"count"`` splits the units as evenly as possible (earlier modules take the
+            remainder); ``"stage"`` needs K equal to the number of stages and merges the stem
+            into the first stage; ``"cuts"`` starts a new module at each index in ``cuts``;
+            ``"auto"`` is ``"cuts"`` when cuts are given, ``"stage"`` when K equals the number
+            of stages (and differs from the unit count), else ``"count"``.
+        cuts: unit indices where modules 1..K-1 begin, strictly increasing in [1, n-1].
+    """
+    n = len(specs)
+    if mode not in PARTITION_MODES:
+        raise ConfigError(f"partition: unknown mode {mode!r}; choose one of: {', '.join(PARTITION_MODES)}")
+    num_stages = max(s.stage for s in specs)
+    if mode == "auto":
+        if cuts:
+            mode = "cuts"
+        elif K == num_stages and K != n:
+            mode = "stage"
+        else:
+            mode = "count"
+    if mode == "cuts":
+        return _by_cuts(n, list(cuts or []), K)
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= n:
+        raise ConfigError(f"K={K!r} is impossible for a backbone of {n} units: choose K in 1..{n}")
+    if mode == "stage":
+        if K != num_stages:
+            raise ConfigError(f"K={K} with partition=stage: this backbone has {num_stages} stages, so K must be {num_stages}")
+        stage_of = [max(1, s.stage) for s in specs]
+        return [[i for i in range(n) if stage_of[i] == st] for st in range(1, num_stages + 1)]
+    base, extra = divmod(n, K)
+    groups, start = [], 0
+    for k in range(K):
+        size = base + (1 if k < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
+
+
+def _by_cuts(n: int, cuts: list[int], K: int | None) -> list[list[int]]:
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in cuts):
+        raise ConfigError(f"cuts={cuts!r}: cut points must be integers")
+    if any(b <= a for a, b in zip(cuts, cuts[1:])) or (cuts and (cuts[0] < 1 or cuts[-1] > n - 1)):
+        raise ConfigError(f"cuts={cuts!r}: cut points must be strictly increasing unit indices in 1..{n - 1}")
+    if K is not None and K != len(cuts) + 1:
+        raise ConfigError(f"K={K} does not match cuts={cuts!r}, which make {len(cuts) + 1} modules")
+    bounds = [0, *cuts, n]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]

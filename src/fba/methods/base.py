@@ -1,0 +1,81 @@
+"""The protocol every training method implements (one file per method in this package)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from torch import Tensor, nn
+
+from fba.engine.bank import FeatureBank
+from fba.engine.units import UnitModel
+
+
+class Task(Protocol):
+    """What the engine needs from a task (classification, detection, super-resolution)."""
+
+    name: str
+
+    def loss(self, output: Any, targets: Any) -> Tensor: ...
+
+    def summarize(self, h: Tensor) -> Tensor:
+        """Compact, detached-friendly summary of a feature map for the bank."""
+        ...
+
+
+@dataclass
+class BuildContext:
+    """Everything a method needs to build its auxiliary networks.
+
+    Attributes:
+        model: the backbone as units + head.
+        groups: unit indices of each of the K modules.
+        task: the task (loss, bank summary).
+        num_samples: training-set size, for per-sample (long-term) banks.
+    """
+
+    model: UnitModel
+    groups: list[list[int]]
+    task: Task
+    num_samples: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def K(self) -> int:
+        return len(self.groups)
+
+    def last_spec(self, k: int):
+        return self.model.specs[self.groups[k][-1]]
+
+
+class LocalMethod:
+    """Base class: K modules as plain ``nn.Sequential`` chains, no auxiliary networks.
+
+    Subclasses override :meth:`build_aux_nets` / :meth:`local_loss` (local methods) or
+    :meth:`module_from_units` (e.g. activation checkpointing).
+    """
+
+    name: str = "base"
+    #: "global" (one optimizer step after all K backwards) or "per_module" (a step right
+    #: after each module's backward, which also frees that module's gradients).
+    default_step: str = "global"
+    #: methods that are end-to-end by definition force K=1.
+    end_to_end: bool = False
+
+    def module_from_units(self, units: Sequence[nn.Module]) -> nn.Module:
+        return nn.Sequential(*units)
+
+    def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
+        """One auxiliary network per module except the last (which uses the task head)."""
+        return []
+
+    def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
+        return None
+
+    def bind(self, ctx: BuildContext) -> None:
+        """Called once before training; keeps what :meth:`local_loss` needs."""
+        self.task = ctx.task
+
+    def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
+        """Loss of module k (k < K-1) from its output ``h`` (attached to module k's graph)."""
+        return self.task.loss(aux(h), targets)

@@ -1,0 +1,131 @@
+"""FBA: Simple Local Modules fed by a feature bank (paper Eq. 2-4).
+
+The auxiliary network of module k is
+
+    A_k(h) = Head_task( Simplify(b_last)(h) (+) Bank^(k) )
+
+- ``Simplify(b_last)``: a freshly initialised, stride-1 block with the architecture of the
+  last block of module k's stage, optionally with its channels divided by ``reduction``.
+- ``Head_task``: a fresh head of the task's own type sized to those channels, or the main
+  head itself (``share_head``; the paper's Table 4 ablation), behind a 1x1 channel adapter
+  when the channel counts differ. Sharing lets every local loss reach the main head, so the
+  head is the one parameter set that is not gradient-isolated in that mode.
+- ``(+)``: :class:`~fba.engine.fusion.LightFusion` of the bank features (``usage="input"``).
+  With ``usage="target"`` the bank features are not fed in; instead the auxiliary
+  network's pooled features are pulled towards them (cosine loss, weight ``target_weight``),
+  so a deep feature guides the module without handing its head the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fba.engine.bank import BANK_SOURCES, BANK_USAGES, FeatureBank, bank_read_channels
+from fba.engine.fusion import FUSION_MODES, LightFusion
+from fba.methods import METHODS
+from fba.methods.base import BuildContext, LocalMethod
+
+
+class SimpleLocalModule(nn.Module):
+    """Stage-tail block, optional bank fusion, task head.
+
+    ``forward(h, bank=None) -> (output, z)`` where ``z`` is the fused map fed to the head
+    (``(N, C', H, W)``) and ``output`` is whatever the task head returns.
+    """
+
+    def __init__(self, block: nn.Module, head: nn.Module, fusion: LightFusion | None = None,
+                 target_proj: nn.Module | None = None, adapter: nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.fusion = fusion
+        self.adapter = adapter
+        self.head = head
+        self.target_proj = target_proj
+
+    def forward(self, h: Tensor, bank: Tensor | None = None) -> tuple[Any, Tensor]:
+        z = self.block(h)
+        if self.fusion is not None and bank is not None:
+            z = self.fusion(z, bank)
+        out = self.head(self.adapter(z) if self.adapter is not None else z)
+        return out, z
+
+
+@METHODS.register("fba")
+class FBA(LocalMethod):
+    """Feature Bank Augmented auxiliary networks.
+
+    Args:
+        reduction: divide the SLM block's channels by this (1 keeps them).
+        share_head: use the main head's parameters in every SLM instead of copies.
+        bank_source: one of ``none``, ``inpass``, ``longterm``, ``lookahead``.
+        bank_usage: ``input`` (fused into the SLM) or ``target`` (a feature-matching loss).
+        fusion: ``add`` or ``concat``.
+        target_weight: weight of the feature-matching loss in ``target`` mode.
+        bank_storage: device of the long-term table (``cpu`` or ``device``).
+        bank_dtype: ``float16`` or ``float32`` for the long-term table.
+    """
+
+    name = "fba"
+
+    def __init__(self, reduction: int = 1, share_head: bool = False, bank_source: str = "inpass",
+                 bank_usage: str = "input", fusion: str = "add", target_weight: float = 1.0,
+                 bank_storage: str = "cpu", bank_dtype: str = "float16") -> None:
+        if reduction < 1:
+            raise ValueError(f"fba.reduction must be >= 1, got {reduction}")
+        if bank_source not in BANK_SOURCES or bank_usage not in BANK_USAGES or fusion not in FUSION_MODES:
+            raise ValueError("invalid FBA bank option")
+        self.reduction = reduction
+        self.share_head = share_head
+        self.bank_source = bank_source
+        self.bank_usage = bank_usage
+        self.fusion = fusion
+        self.target_weight = target_weight
+        self.bank_storage = bank_storage
+        self.bank_dtype = getattr(torch, bank_dtype)
+
+    def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
+        if self.bank_source == "none" or ctx.K == 1:
+            return None
+        channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
+        return FeatureBank(self.bank_source, channels, ctx.task.summarize, num_samples=ctx.num_samples,
+                           storage_device=self.bank_storage if self.bank_storage == "cpu" else ctx.extra.get("device", "cpu"),
+                           storage_dtype=self.bank_dtype)
+
+    def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
+        module_channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
+        head_channels = ctx.model.specs[-1].out_channels
+        nets = []
+        for k in range(ctx.K - 1):
+            spec = ctx.last_spec(k)
+            channels = max(1, spec.out_channels // self.reduction)
+            block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
+            bank_channels = bank_read_channels(self.bank_source, module_channels, k)
+            fusion = target_proj = None
+            if bank_channels and self.bank_usage == "input":
+                fusion = LightFusion(bank_channels, channels, self.fusion)
+                channels = fusion.out_channels
+            elif bank_channels and self.bank_usage == "target":
+                target_proj = nn.Linear(channels, bank_channels)
+            if self.share_head:
+                head = ctx.model.head
+                adapter = nn.Conv2d(channels, head_channels, 1, bias=False) if channels != head_channels else None
+            else:
+                head, adapter = ctx.model.make_head(channels), None
+            nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter))
+        return nets
+
+    def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
+        features, valid = bank.read(k, h.device) if bank is not None else (None, None)
+        out, z = aux(h, features if self.bank_usage == "input" else None)
+        loss = self.task.loss(out, targets)
+        if self.bank_usage == "target" and features is not None and aux.target_proj is not None:
+            predicted = aux.target_proj(self.task.summarize(z).float())
+            mismatch = 1.0 - F.cosine_similarity(predicted, features, dim=1)
+            if valid is not None:
+                mismatch = mismatch * valid.float()
+            loss = loss + self.target_weight * mismatch.mean()
+        return loss

@@ -1,0 +1,1 @@
+"""Image classification: CIFAR and torchvision ResNets, cross-entropy, top-1."""

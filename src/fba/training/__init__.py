@@ -1,0 +1,1 @@
+"""Epoch loop, run folders, checkpoints and logs around the learner's local step."""

@@ -1,0 +1,189 @@
+"""The epoch loop: data, local steps, evaluation, run folder, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch.utils.data import DataLoader
+
+from fba.build import build_datasets, build_learner, resolve_device
+from fba.config import dump_yaml, load_yaml, resolve_config
+from fba.errors import FBAError, NonFiniteLossError
+from fba.training.checkpoint import STATE, WEIGHTS, load_state, load_weights, save_checkpoint
+from fba.training.records import RunRecords
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Each epoch's shuffling and augmentation depend only on (seed, epoch), so a run resumed
+    # at an epoch boundary draws exactly the random numbers the uninterrupted run would.
+    return seed * 100_003 + epoch
+
+
+class Trainer:
+    """Trains a learner from a resolved config and keeps a run folder.
+
+    Run folder: ``config.yaml`` (resolved), ``metrics.csv``/``metrics.json`` (one row per
+    epoch), ``tensorboard/``, ``checkpoints/last.safetensors`` + ``last_state.pt``,
+    ``curves.png``, ``summary.json``.
+    """
+
+    def __init__(self, config: Mapping[str, Any], run_dir: Path | None = None, log=None) -> None:
+        self.cfg = dict(config)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.device = resolve_device(self.cfg["device"])
+        self.train_set, self.test_set, self.info = build_datasets(self.cfg)
+        data = self.cfg["data"]
+        self.batch_size = data["batch_size"]
+        drop_last = len(self.train_set) > self.batch_size  # a batch of one breaks train-mode BatchNorm
+        self.steps_per_epoch = len(self.train_set) // self.batch_size if drop_last else 1
+        self.drop_last = drop_last
+        self.learner = build_learner(
+            self.cfg, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
+            num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
+            steps_per_epoch=self.steps_per_epoch)
+        self.run_dir = run_dir or self._new_run_dir()
+        self.start_epoch = 1
+        self.rows: list[dict[str, Any]] = []
+        self.peak_memory_bytes: int | None = None
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, log=None) -> "Trainer":
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FBAError(f"resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
+        cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
+        cfg["resume"] = None
+        trainer = cls(cfg, run_dir=run_dir, log=log)
+        ckpt = run_dir / "checkpoints"
+        if (ckpt / STATE).is_file():
+            state = load_state(ckpt / STATE)
+            trainer.learner.load_weights(load_weights(ckpt / WEIGHTS))
+            trainer.learner.load_training_state(state["learner"])
+            trainer.start_epoch = state["epoch"] + 1
+            trainer.rows = state["rows"]
+            trainer.peak_memory_bytes = state.get("peak_memory_bytes")
+            trainer.log(f"resuming {run_dir} after epoch {state['epoch']}")
+        return trainer
+
+    def _new_run_dir(self) -> Path:
+        name = self.cfg["train"]["name"] or "{}-{}-{}-K{}-{}".format(
+            datetime.now().strftime("%Y%m%d-%H%M%S"), self.cfg["data"]["name"], self.cfg["model"],
+            self.learner.K, self.cfg["method"])
+        run_dir = Path(self.cfg["train"]["runs_dir"]) / name
+        suffix, candidate = 1, run_dir
+        while candidate.exists():
+            suffix += 1
+            candidate = run_dir.with_name(f"{run_dir.name}-{suffix}")
+        return candidate
+
+    def loader(self, train: bool, epoch: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.cfg["seed"], epoch))
+        data = self.cfg["data"]
+        return DataLoader(
+            self.train_set if train else self.test_set,
+            batch_size=self.batch_size if train else data["eval_batch_size"],
+            shuffle=train, drop_last=train and self.drop_last, generator=generator,
+            num_workers=data["num_workers"], pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+
+    def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or only ``stop_after_epochs`` more, to simulate an interruption)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        records = RunRecords(self.run_dir, self.rows)
+        epochs = self.cfg["train"]["epochs"]
+        last = epochs if stop_after_epochs is None else min(epochs, self.start_epoch + stop_after_epochs - 1)
+        self.log(f"run folder: {self.run_dir}")
+        try:
+            for epoch in range(self.start_epoch, last + 1):
+                row = self._train_epoch(epoch, records)
+                if epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs:
+                    metrics = self.learner.task.evaluate(self.learner, self.loader(False), self.device)
+                    row.update(top1=metrics["top1"], test_loss=metrics["loss"])
+                    self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, test top-1 {metrics['top1']:.4f}, {row['seconds']:.1f}s")
+                records.add_epoch(row)
+                self._checkpoint(epoch, records.rows)
+        except NonFiniteLossError as error:
+            kept = self.run_dir / "checkpoints" / WEIGHTS
+            where = f"; the last good checkpoint is kept at {kept}" if kept.exists() else ""
+            raise NonFiniteLossError(f"{error}{where}") from None
+        finally:
+            records.close()
+        self.rows = records.rows
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _train_epoch(self, epoch: int, records: RunRecords) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(_epoch_seed(self.cfg["seed"], epoch))
+        losses: list[float] = []
+        start = time.perf_counter()
+        batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
+                       disable=not self.cfg["train"]["progress"], file=sys.stderr)
+        for images, labels, indices in batches:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"]:
+                out = self._measured_step(images, labels, indices)
+            else:
+                out = self.learner.train_step(images, labels, indices)
+            losses.append(out["loss"])
+            batches.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
+            if self.learner.global_step % 10 == 0:
+                records.scalar("step/loss", out["loss"], self.learner.global_step)
+                records.scalar("step/lr", out["lr"], self.learner.global_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            if self.cfg["train"]["measure_memory"]:
+                self.peak_memory_bytes = max(self.peak_memory_bytes or 0, torch.cuda.max_memory_allocated(self.device))
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
+                "lr": self.learner.optimizers[0].param_groups[0]["lr"], "seconds": seconds}
+
+    def _measured_step(self, images, labels, indices) -> dict[str, float]:
+        """The first step, measured: CUDA's allocator peak or the CPU live-tensor peak."""
+        from fba.bench.memory import peak_memory
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.peak_memory_bytes = 0
+            return self.learner.train_step(images, labels, indices)
+        result: dict[str, float] = {}
+        existing = [images, labels, *self.learner.parameters(), *self.learner.buffers()]
+        if self.learner.bank is not None:
+            existing += self.learner.bank.tensors()
+        measured = peak_memory(lambda: result.update(self.learner.train_step(images, labels, indices)), existing=existing)
+        self.peak_memory_bytes = measured["peak_bytes"]
+        return result
+
+    def _checkpoint(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        state = {"epoch": epoch, "rows": rows, "learner": self.learner.training_state(),
+                 "peak_memory_bytes": self.peak_memory_bytes}
+        save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state)
+
+    def summary(self) -> dict[str, Any]:
+        timed = [r["seconds"] for r in self.rows]
+        top1 = next((r["top1"] for r in reversed(self.rows) if "top1" in r), None)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return {
+            "run_dir": str(self.run_dir),
+            "top1": top1,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "seconds_per_epoch": statistics.fmean(timed) if timed else None,
+            "world_size": world_size,
+            "epochs": len(self.rows),
+            "method": self.cfg["method"],
+            "model": self.cfg["model"],
+            "K": self.learner.K,
+            "dataset": self.cfg["data"]["name"],
+        }

@@ -1,0 +1,179 @@
+"""The invariants of DESIGN section 1, each enforced here."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import fba
+from fba.bench import peak_memory
+
+from conftest import tiny_batch
+
+NO_MOMENTUM = {"optim": {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False}}
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("step", ["global", "per_module"])
+@pytest.mark.parametrize("source", ["inpass", "longterm", "lookahead", "none"])
+def test_perturbing_aux_j_changes_only_module_j(step, source):
+    x, y = tiny_batch()
+    idx = torch.arange(len(y))
+    kwargs = dict(model="resnet8", method="fba", K=4, num_classes=10, num_samples=32,
+                  **{"optim.step": step, "fba.bank.source": source})
+    a = fba.build_learner(**kwargs)
+    b = fba.build_learner(**kwargs)
+    b.load_state_dict(a.state_dict())
+    j = 1
+    with torch.no_grad():
+        for p in b.aux_nets[j].parameters():
+            p.add_(torch.randn_like(p))
+    a.train_step(x, y, idx)
+    b.train_step(x, y, idx)
+    for k in range(a.K):
+        same = all(torch.equal(p, q) for p, q in zip(a.local_modules[k].parameters(), b.local_modules[k].parameters()))
+        assert same == (k != j), f"module {k}: perturbing aux {j} {'changed' if not same else 'did not change'} it"
+    for k in range(a.K - 1):
+        if k != j:
+            assert all(torch.equal(p, q) for p, q in zip(a.aux_nets[k].parameters(), b.aux_nets[k].parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.head.parameters(), b.head.parameters()))
+
+
+def test_each_local_loss_reaches_only_its_module_and_aux():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10)
+    x, y = tiny_batch()
+    seen = {}
+    for k in range(learner.K):
+        for name, p in list(learner.local_modules[k].named_parameters()) + (
+                list(learner.aux_nets[k].named_parameters()) if k < learner.K - 1 else list(learner.head.named_parameters())):
+            p.register_post_accumulate_grad_hook(lambda p, k=k: seen.setdefault(id(p), set()).add(k))
+    calls = []
+    original = learner._backward
+    learner._backward = lambda loss: (calls.append(len(calls)), original(loss))
+    owner = {}
+    for k in range(learner.K):
+        mods = [learner.local_modules[k], learner.aux_nets[k] if k < learner.K - 1 else learner.head]
+        for m in mods:
+            for p in m.parameters():
+                owner[id(p)] = k
+    learner.train_step(x, y)
+    assert len(calls) == learner.K  # one backward per module, never one summed backward
+    for pid, ks in seen.items():
+        assert ks == {owner[pid]}
+
+
+@pytest.mark.parametrize("model", ["resnet8", "resnet18"])
+def test_K1_fba_equals_bp(model):
+    x, y = tiny_batch(size=32)
+    torch.manual_seed(0)
+    local = fba.build_learner(model=model, method="fba", K=1, num_classes=10)
+    bp = fba.build_learner(model=model, method="bp", num_classes=10)
+    bp.plain.load_state_dict(local.plain.state_dict())
+    for _ in range(2):
+        lo, bo = local.train_step(x, y), bp.train_step(x, y)
+        assert lo["loss"] == bo["loss"]
+    for p, q in zip(local.plain.state_dict().values(), bp.plain.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_bp_checkpoint_matches_bp_including_batchnorm_statistics():
+    x, y = tiny_batch(size=16)
+    ckpt = fba.build_learner(model="resnet8", method="bp_checkpoint", num_classes=10)
+    bp = fba.build_learner(model="resnet8", method="bp", num_classes=10)
+    bp.plain.load_state_dict(ckpt.plain.state_dict())
+    for _ in range(2):
+        ckpt.train_step(x, y)
+        bp.train_step(x, y)
+    for (name, p), q in zip(ckpt.plain.state_dict().items(), bp.plain.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_export_equals_learner_eval_and_loads_strictly_into_torchvision():
+    learner = fba.build_learner(model="resnet18", method="fba", K=4, num_classes=10)
+    x, y = tiny_batch(size=32)
+    learner.train_step(x, y)
+    learner.eval()
+    exported = learner.export()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), learner(x), rtol=0, atol=0)
+    names = {n for n, _ in exported.named_parameters()}
+    assert not any(n.startswith(("aux", "block", "fusion")) for n in names)
+    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in learner.plain.parameters())
+    reference = torchvision.models.resnet18(weights=None, num_classes=10)
+    reference.load_state_dict(exported.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(x), learner(x))
+
+
+def test_export_is_a_copy_not_a_view():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10)
+    exported = learner.export()
+    x, y = tiny_batch()
+    learner.train_step(x, y)
+    assert not all(torch.equal(p, q) for p, q in zip(exported.parameters(), learner.plain.parameters()))
+
+
+@pytest.mark.parametrize("source", ["inpass", "longterm", "lookahead"])
+def test_bank_holds_no_autograd_history_and_is_unused_in_eval(source):
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, num_samples=16,
+                                **{"fba.bank.source": source})
+    x, y = tiny_batch()
+    read, seen = learner.bank.read, []
+
+    def spy(k, device):
+        features, valid = read(k, device)
+        seen.extend(learner.bank.tensors())
+        return features, valid
+
+    learner.bank.read = spy
+    learner.train_step(x, y, torch.arange(8))
+    assert seen, "the bank should hold features while the step runs"
+    assert all(not t.requires_grad and t.grad_fn is None for t in seen + learner.bank.tensors())
+    before = [t.clone() for t in learner.bank.tensors()]
+    learner.eval()
+    with torch.no_grad():
+        learner(x)
+    after = learner.bank.tensors()
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_longterm_bank_is_read_at_the_next_visit():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, num_samples=20,
+                                **{"fba.bank.source": "longterm"})
+    x, y = tiny_batch()
+    idx = torch.arange(3, 11)
+    learner.train_step(x, y, idx)
+    assert learner.bank.filled[idx].all() and not learner.bank.filled[:3].any()
+    features, valid = learner.bank.read(0, torch.device("cpu"))
+    assert valid.all() and features.shape == (8, 64)
+
+
+def test_per_module_stepping_frees_gradients():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **{"optim.step": "per_module"})
+    x, y = tiny_batch()
+    learner.train_step(x, y)
+    assert all(p.grad is None for p in learner.parameters())
+    assert len(learner.optimizers) == 4
+
+
+def test_local_step_frees_each_module_graph():
+    """Peak memory of FBA is well below BP's (deterministic CPU tracker)."""
+    x, y = tiny_batch(n=32, size=32)
+    peaks = {}
+    for method, K in [("bp", 1), ("fba", 10)]:
+        learner = fba.build_learner(model="resnet20", method=method, K=K, num_classes=10)
+        peaks[method] = peak_memory(lambda: learner.train_step(x, y),
+                                    existing=[x, y, *learner.parameters()])["peak_bytes"]
+    assert peaks["fba"] < 0.5 * peaks["bp"]
+
+
+def test_shared_head_is_the_main_head():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **{"fba.share_head": True})
+    assert all(aux.head is learner.head for aux in learner.aux_nets)
+    x, y = tiny_batch()
+    out = learner.train_step(x, y)
+    assert torch.isfinite(torch.tensor(out["loss"]))
