@@ -17,6 +17,7 @@ Augmentations follow the reference recipes in ``reference/baselines.md``.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -182,7 +183,9 @@ def patches(root: str = "", download: bool = False, augment: bool = True, per_cl
 def _torchvision_set(label: str, build: Callable[[bool], tuple[Dataset, Dataset]], root: str, download: bool):
     try:
         return build(download)
-    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
+        # torchvision raises RuntimeError("Dataset not found or corrupted"); damaged files
+        # surface as unpickling, decoding or shape errors.
         hint = "" if download else " (or set data.download=true to fetch it)"
         raise DataError(f"{label} not found or corrupt under {Path(root).resolve()}: {error}{hint}") from None
 
