@@ -148,12 +148,13 @@ class LocalLearner(nn.Module):
             self.scaler.update()
         if self.bank is not None:
             self.bank.end_step()
+        lr = self.optimizers[0].param_groups[0]["lr"]  # the rate this step used
         for scheduler in self.schedulers:
             scheduler.step()
         self.global_step += 1
 
         values = torch.stack(losses).float().cpu().tolist()
-        out = {"loss": values[-1], "lr": self.optimizers[0].param_groups[0]["lr"]}
+        out = {"loss": values[-1], "lr": lr}
         out.update({f"loss/{k}": v for k, v in enumerate(values)})
         return out
 
