@@ -5,7 +5,7 @@ variant: the bank off, each bank source as auxiliary input, and the deep-feature
 (long-term, lookahead) as a feature-matching target instead of an input. BP is the
 reference row. Writes docs/results/bank_ablation.{md,csv,json}.
 
-    python benchmarks/bank_ablation.py            # about 50 minutes on 2 CPU cores
+    python benchmarks/bank_ablation.py            # about 35 minutes on 2 CPU cores
     python benchmarks/bank_ablation.py train.epochs=2 data.per_class_train=100   # smoke run
 """
 
@@ -19,7 +19,7 @@ from fba.bench.report import markdown_table, write_tables
 from fba.bench.variants import train_variants
 
 COMMON = ["model=resnet32", "K=16", "data.name=patches", "data.batch_size=128", "optim.lr=0.1",
-          "train.epochs=12", "seed=0", "train.progress=false", "train.runs_dir=runs/bank_ablation"]
+          "train.epochs=8", "seed=0", "train.progress=false", "train.runs_dir=runs/bank_ablation"]
 VARIANTS = {
     "bp (reference)": ["method=bp"],
     "bank off": ["method=fba", "fba.bank.source=none"],

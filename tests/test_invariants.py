@@ -177,3 +177,15 @@ def test_shared_head_is_the_main_head():
     x, y = tiny_batch()
     out = learner.train_step(x, y)
     assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_inpass_bank_reads_the_latest_module_of_each_stage():
+    from fba.engine.bank import inpass_sources
+
+    stages = [0, 1, 1, 1, 2, 2, 3]
+    assert inpass_sources(stages, 0) == []
+    assert inpass_sources(stages, 3) == [0, 2]
+    assert inpass_sources(stages, 6) == [0, 3, 5]
+    learner = fba.build_learner(model="resnet101", K=34, num_classes=10)
+    widths = [aux.fusion.proj.in_features for aux in learner.aux_nets if aux.fusion is not None]
+    assert max(widths) <= 64 + 256 + 512 + 1024 + 2048

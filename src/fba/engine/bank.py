@@ -1,8 +1,10 @@
 """The feature bank: detached, training-only features that auxiliary networks read.
 
 Sources (DESIGN section 4):
-- ``inpass``: features written earlier in the same step. Module k's auxiliary network reads
-  the summaries of modules 0..k-1 (concatenated). Costs no extra compute.
+- ``inpass``: features written earlier in the same step. Module k's auxiliary network reads,
+  for every stage (scale) reached so far, the summary of the latest earlier module in that
+  stage, concatenated: one vector per scale, so the width stays bounded by the sum of the
+  stage widths however deep the network. Costs no extra compute.
 - ``longterm``: per-sample summaries of the last module kept across steps, indexed by the
   dataset sample index: written when a sample passes, read at its next visit. Stored
   compactly (fp16 by default, on CPU by default), ``num_samples * dim`` values.
@@ -23,10 +25,18 @@ BANK_SOURCES = ("none", "inpass", "longterm", "lookahead")
 BANK_USAGES = ("input", "target")
 
 
-def bank_read_channels(source: str, module_channels: Sequence[int], k: int) -> int:
+def inpass_sources(module_stages: Sequence[int], k: int) -> list[int]:
+    """Modules whose summaries the in-pass bank gives module k: the latest earlier one per stage."""
+    latest: dict[int, int] = {}
+    for j in range(k):
+        latest[module_stages[j]] = j
+    return sorted(latest.values())
+
+
+def bank_read_channels(source: str, module_channels: Sequence[int], module_stages: Sequence[int], k: int) -> int:
     """Channels of what the bank returns to module k's auxiliary network (0: nothing)."""
     if source == "inpass":
-        return sum(module_channels[:k])
+        return sum(module_channels[j] for j in inpass_sources(module_stages, k))
     if source in ("longterm", "lookahead"):
         return module_channels[-1]
     return 0
@@ -38,6 +48,7 @@ class FeatureBank:
     Args:
         source: one of :data:`BANK_SOURCES`.
         module_channels: channels of each module's summary (length K).
+        module_stages: stage index of each module's output (length K).
         summarize: maps a module's output map to what is stored (e.g. global average
             pooling for classification).
         num_samples: dataset size; required by ``longterm``.
@@ -49,6 +60,7 @@ class FeatureBank:
         self,
         source: str,
         module_channels: Sequence[int],
+        module_stages: Sequence[int],
         summarize: Callable[[Tensor], Tensor],
         num_samples: int | None = None,
         storage_device: str | torch.device = "cpu",
@@ -58,6 +70,7 @@ class FeatureBank:
             raise ValueError(f"bank source must be one of {BANK_SOURCES}, got {source!r}")
         self.source = source
         self.module_channels = list(module_channels)
+        self.module_stages = list(module_stages)
         self.summarize = summarize
         self._step: dict[int, Tensor] = {}
         self._indices: Tensor | None = None
@@ -79,7 +92,7 @@ class FeatureBank:
         return self.source == "lookahead"
 
     def read_channels(self, k: int) -> int:
-        return bank_read_channels(self.source, self.module_channels, k)
+        return bank_read_channels(self.source, self.module_channels, self.module_stages, k)
 
     # ---- one training step ----------------------------------------------------------------
     def begin_step(self, indices: Tensor | None) -> None:
@@ -106,9 +119,10 @@ class FeatureBank:
         ``valid`` is None when every row is valid (only long-term rows can be unfilled).
         """
         if self.source == "inpass":
-            if k == 0:
+            sources = inpass_sources(self.module_stages, k)
+            if not sources:
                 return None, None
-            return torch.cat([self._step[j] for j in range(k)], dim=1), None
+            return torch.cat([self._step[j] for j in sources], dim=1), None
         if self.source == "lookahead":
             return self._step[len(self.module_channels) - 1], None
         if self.source == "longterm":

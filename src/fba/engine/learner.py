@@ -131,18 +131,17 @@ class LocalLearner(nn.Module):
                     loss = self.method.local_loss(k, self.aux_nets[k], h, targets, self.bank)
                 else:
                     loss = self.task.loss(self.head(h), targets)
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"the loss of module {k} is {loss.item()} at step {self.global_step}; "
-                    "lower the learning rate or use precision=fp32"
-                )
+            losses.append(loss.detach())
+            if per_module:
+                self._raise_if_not_finite(losses, first=k)
             self._backward(loss)
             if per_module:
                 self._step(self.optimizers[k])
                 self.optimizers[k].zero_grad(set_to_none=True)
-            losses.append(loss.detach())
             h = h.detach()
         if not per_module:
+            # One host sync per step instead of one per module; no parameter has moved yet.
+            self._raise_if_not_finite(losses)
             self._step(self.optimizers[0])
         if self.scaler is not None:
             self.scaler.update()
@@ -157,6 +156,14 @@ class LocalLearner(nn.Module):
         out = {"loss": values[-1], "lr": lr}
         out.update({f"loss/{k}": v for k, v in enumerate(values)})
         return out
+
+    def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0) -> None:
+        values = torch.stack(losses[first:])
+        if not bool(torch.isfinite(values).all()):
+            bad = first + int((~torch.isfinite(values)).nonzero()[0])
+            raise NonFiniteLossError(
+                f"the loss of module {bad} is {losses[bad].item()} at step {self.global_step}; "
+                "lower the learning rate or use precision=fp32")
 
     def _lookahead(self, inputs: Tensor) -> list[Tensor]:
         outputs = []

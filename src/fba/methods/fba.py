@@ -91,19 +91,21 @@ class FBA(LocalMethod):
         if self.bank_source == "none" or ctx.K == 1:
             return None
         channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
-        return FeatureBank(self.bank_source, channels, ctx.task.summarize, num_samples=ctx.num_samples,
+        stages = [ctx.last_spec(k).stage for k in range(ctx.K)]
+        return FeatureBank(self.bank_source, channels, stages, ctx.task.summarize, num_samples=ctx.num_samples,
                            storage_device=self.bank_storage if self.bank_storage == "cpu" else ctx.extra.get("device", "cpu"),
                            storage_dtype=self.bank_dtype)
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
         module_channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
+        module_stages = [ctx.last_spec(k).stage for k in range(ctx.K)]
         head_channels = ctx.model.specs[-1].out_channels
         nets = []
         for k in range(ctx.K - 1):
             spec = ctx.last_spec(k)
             channels = max(1, spec.out_channels // self.reduction)
             block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
-            bank_channels = bank_read_channels(self.bank_source, module_channels, k)
+            bank_channels = bank_read_channels(self.bank_source, module_channels, module_stages, k)
             fusion = target_proj = None
             if bank_channels and self.bank_usage == "input":
                 fusion = LightFusion(bank_channels, channels, self.fusion)
