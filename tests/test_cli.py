@@ -94,14 +94,23 @@ def test_list(capsys):
     (["train", "method=dgk"], "unknown method 'dgk'"),
     (["train", "data.name=mnist"], "unknown dataset 'mnist'"),
     (["train", "optimizer.lr=0.1"], "unknown config key 'optimizer.lr'"),
-    (["train", "data.batch_size=-1"], "'data.batch_size': expected a positive integer, got -1"),
-    (["train", "optim.lr=fast"], "'optim.lr': expected a positive number, got 'fast'"),
+    (["train", "data.batch_size=-1"], "'data.batch_size': expected an integer >= 2, got -1"),
+    (["train", "optim.lr=fast"], "'optim.lr': expected a finite positive number, got 'fast'"),
     (["train", "missing.yaml"], "config file 'missing.yaml' not found"),
     (["train", "data.name=cifar10", "data.root=/nonexistent/fba-data"], "CIFAR-10 not found or corrupt under /nonexistent/fba-data"),
     (["train", "data.name=imagenet", "data.root=/nonexistent/fba-data"], "ImageNet folder"),
     (["eval", "/nonexistent/run"], "neither a run folder"),
     (["bench", "memory", "--batch-size", "-2"], "--batch-size must be positive"),
     (["bench", "memory", "--methods", "bp,nope"], "unknown method 'nope'"),
+    (["bench", "memory", "--methods", ","], "give at least one method"),
+    (["bench", "memory", "--batch-size", "4", "K=0"], "choose K in 1..16"),
+    (["bench", "memory", "--batch-size", "64", "--num-samples", "8"], "--num-samples (8) must be at least"),
+    (["train", "device=mps"], "expected auto, cpu, cuda or cuda:N"),
+    (["train", "seed=99999999999999999999"], "'seed': expected an integer in [0, 2**32)"),
+    (["train", "optim.warmup_epochs=.inf"], "finite non-negative number"),
+    (["train", "precision=fp16", "device=cpu"], "fp16 needs CUDA"),
+    (["train", "data.batch_size=1"], "expected an integer >= 2"),
+    (["train", "train.runs_dir=/dev/null/x"], "cannot create the run folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     code, out, err = run_cli(capsys, *argv)
@@ -116,6 +125,33 @@ def test_malformed_yaml(capsys, tmp_path):
     bad.write_text("model: [resnet32\n")
     code, _, err = run_cli(capsys, "train", str(bad))
     assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_structural_override_on_eval_is_a_clear_error(capsys, trained_run):
+    code, _, err = run_cli(capsys, "eval", str(trained_run), "fba.bank.source=lookahead", "model=resnet20")
+    assert code == 2 and "does not fit this config" in err and len(err.strip().splitlines()) == 1
+
+
+def test_exported_file_is_not_a_training_checkpoint(capsys, trained_run, tmp_path):
+    out_file = tmp_path / "m.safetensors"
+    assert main(["export", str(trained_run), "--out", str(out_file)]) == 0
+    code, _, err = run_cli(capsys, "eval", str(out_file))
+    assert code == 2 and "not a training checkpoint" in err
+
+
+def test_options_before_overrides(capsys, trained_run):
+    code, out, _ = run_cli(capsys, "eval", str(trained_run), "--json", "device=cpu")
+    assert code == 0 and "top1" in json.loads(out)
+
+
+def test_torn_checkpoint_is_detected(tmp_path):
+    from fba.errors import DataError
+    from fba.training.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, {"model.w": torch.ones(2)}, {"rows": []}, epoch=3)
+    torch.save({"rows": [], "epoch": 4}, tmp_path / "last_state.pt")
+    with pytest.raises(DataError, match="inconsistent: weights from epoch 3, training state from epoch 4"):
+        load_checkpoint(tmp_path)
 
 
 def test_console_script_exits_nonzero_without_traceback():

@@ -20,8 +20,8 @@ def test_dotted_overrides_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.batch_size=-3", "'data.batch_size': expected a positive integer, got -3"),
-    ("optim.lr=abc", "'optim.lr': expected a positive number, got 'abc'"),
+    ("data.batch_size=-3", "'data.batch_size': expected an integer >= 2, got -3"),
+    ("optim.lr=abc", "'optim.lr': expected a finite positive number, got 'abc'"),
     ("data.batch_sise=3", "unknown config key 'data.batch_sise' (did you mean 'data.batch_size'?)"),
     ("precision=fp8", "'precision': 'fp8' is not one of fp32, bf16, fp16"),
     ("train.epochs=2.5", "'train.epochs': expected a positive integer, got 2.5"),

@@ -34,6 +34,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"config key 'device': {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device': {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'device': {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
@@ -117,6 +119,8 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     cfg = config_from_api(config, kwargs)
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
+    if cfg["precision"] == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'precision': fp16 needs CUDA (its grad scaler); use bf16 or fp32 on CPU")
     task = build_task(cfg["task"])
     method = build_method(cfg)
     model = build_model(cfg["model"], num_classes or 10, in_channels or 3)

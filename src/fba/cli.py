@@ -61,6 +61,9 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
 
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
+        if not (p.parent.parent / "config.yaml").is_file():
+            raise FBAError(f"{path!r} is not a training checkpoint (exported models and files outside a run "
+                           "folder have no config); give a run folder or its checkpoints/last.safetensors")
         return p.parent.parent, p
     if (p / "checkpoints" / WEIGHTS).is_file():
         return p, p / "checkpoints" / WEIGHTS
@@ -70,13 +73,18 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
 def _learner_from_run(path: str, overrides: list[str]):
     from fba.build import build_datasets, build_learner
     from fba.config import load_yaml, resolve_config
+    from fba.errors import FBAError
     from fba.training.checkpoint import load_weights
 
     run_dir, weights = _run_dir_and_weights(path)
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
     train_set, test_set, info = build_datasets(cfg)
     learner = build_learner(cfg, num_classes=info.num_classes, in_channels=info.in_channels, num_samples=info.num_train)
-    learner.load_weights(load_weights(weights))
+    try:
+        learner.load_weights(load_weights(weights))
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise FBAError(f"the checkpoint {str(weights)!r} does not fit this config (was a structural key "
+                       f"overridden?): {str(error).splitlines()[0]}") from None
     return cfg, learner, test_set, info
 
 
@@ -122,10 +130,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     cfg = resolve_config(config_path, overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from fba.build import build_model
+    from fba.engine.partition import partition_units
+    from fba.errors import ConfigError
     from fba.methods import get_method
 
-    for m in methods:
-        get_method(m)
+    if not methods:
+        raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
+    if any(not get_method(m).end_to_end for m in methods):  # fail before measuring anything
+        partition_units(build_model(cfg["model"], args.num_classes, args.in_channels).specs, cfg["K"],
+                        cfg["partition"], cfg["cuts"])
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
     common = dict(batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
                   num_classes=args.num_classes, num_samples=args.num_samples, progress=log)
@@ -217,12 +231,23 @@ def _check_bench_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "input_size", "in_channels", "num_classes", "num_samples", "steps"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        raise ConfigError("--batch-size must be at least 2 (train-mode BatchNorm needs two samples)")
+    if args.num_samples < args.batch_size:
+        raise ConfigError(f"--num-samples ({args.num_samples}) must be at least --batch-size ({args.batch_size})")
 
 
 def main(argv: list[str] | None = None) -> int:
     from fba.errors import FBAError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Options may come before key=value overrides; argparse leaves such late overrides over.
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "items") and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in late) or ' '.join(late)}")
+    if late:
+        (args.items if hasattr(args, "items") else args.overrides).extend(late)
     try:
         _check_bench_args(args)
         return args.func(args)

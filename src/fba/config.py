@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,12 +85,30 @@ def _non_negative_int(value: Any) -> str | None:
     return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "a non-negative integer"
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _non_negative_number(value: Any) -> str | None:
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else "a non-negative number"
+    return None if _finite(value) and value >= 0 else "a finite non-negative number"
 
 
 def _positive_number(value: Any) -> str | None:
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else "a positive number"
+    return None if _finite(value) and value > 0 else "a finite positive number"
+
+
+def _seed(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+    return None if ok else "an integer in [0, 2**32)"
+
+
+def _batch(value: Any) -> str | None:
+    # BatchNorm in train mode needs at least two samples per batch.
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else "an integer >= 2"
+
+
+def _device(value: Any) -> str | None:
+    return None if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) else "auto, cpu, cuda or cuda:N"
 
 
 def _optional_str(value: Any) -> str | None:
@@ -115,15 +135,15 @@ RULES: dict[str, Any] = {
     "K": _int,  # the partitioner names the valid range for this backbone
     "partition": ("auto", "count", "stage", "cuts"),
     "cuts": _cuts,
-    "seed": _non_negative_int,
-    "device": _str,
+    "seed": _seed,
+    "device": _device,
     "precision": ("fp32", "bf16", "fp16"),
     "resume": _optional_str,
     "data.name": _str,
     "data.root": _str,
     "data.download": _bool,
     "data.augment": _bool,
-    "data.batch_size": _positive_int,
+    "data.batch_size": _batch,
     "data.eval_batch_size": _positive_int,
     "data.num_workers": _non_negative_int,
     "data.per_class_train": _positive_int,

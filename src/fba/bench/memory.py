@@ -18,6 +18,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _storage_ptr(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Counts bytes of live tensor storages and records the peak.
 
@@ -82,11 +89,22 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: nothing new was allocated.
+        inputs = {_storage_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
+            if isinstance(t, Tensor) and _storage_ptr(t) not in inputs:
                 self._track(t)
         self._update_peak()
         return out
+
+
+def _bytes(tensors: Iterable[Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = None,
@@ -99,8 +117,9 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
         device: ``cuda`` devices use the CUDA allocator's peak; anything else the CPU tracker.
         existing: tensors alive before ``fn`` that count towards the peak (parameters,
             inputs, optimizer state, the bank).
-        categories: name -> callable returning the tensors of that kind (CPU only); the
-            peak is split into these plus ``activations`` (everything else).
+        categories: name -> callable returning the tensors of that kind; the peak is split
+            into these plus ``activations`` (everything else). On CPU each category is what
+            was alive at the peak; on CUDA it is its size after the run.
 
     Returns:
         ``{"peak_bytes": int, "breakdown": {name: bytes}, "backend": "cuda" | "cpu-tracker"}``.
@@ -110,11 +129,14 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_bytes": int(peak), "breakdown": {"before": int(base)}, "backend": "cuda"}
+        peak = int(torch.cuda.max_memory_allocated(device))
+        # The allocator cannot say what was alive at the peak; the categories are sized after
+        # the run (their steady state) and the rest of the peak is reported as activations.
+        breakdown = {name: _bytes(tensors()) for name, tensors in (categories or {}).items()}
+        breakdown["activations"] = peak - sum(breakdown.values())
+        return {"peak_bytes": peak, "breakdown": breakdown, "backend": "cuda"}
     tracker = LiveTensorTracker(categories)
     tracker.register(existing)
     with tracker:

@@ -107,10 +107,10 @@ class FeatureBank:
             with torch.no_grad():
                 self._step[k] = self.summarize(h.detach()).float()
 
-    def write_lookahead(self, outputs: Sequence[Tensor]) -> None:
+    def write_lookahead(self, k: int, h: Tensor) -> None:
+        """Record module k's output from the lookahead forward (before the local pass)."""
         with torch.no_grad():
-            for k, h in enumerate(outputs):
-                self._step[k] = self.summarize(h.detach()).float()
+            self._step[k] = self.summarize(h.detach()).float()
 
     def read(self, k: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """Bank features for module k's auxiliary network on ``device``, and a mask of valid rows.

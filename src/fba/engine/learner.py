@@ -92,7 +92,9 @@ class LocalLearner(nn.Module):
             owned.update(id(p) for p in params)
             groups.append(params)
         for k, aux in enumerate(self.aux_nets):
-            groups[k] += [p for p in aux.parameters() if id(p) not in owned]
+            fresh = [p for p in aux.parameters() if id(p) not in owned]
+            owned.update(id(p) for p in fresh)
+            groups[k] += fresh
         return groups
 
     # ---- the local step --------------------------------------------------------------------
@@ -118,7 +120,7 @@ class LocalLearner(nn.Module):
         if self.bank is not None:
             self.bank.begin_step(indices)
             if self.bank.needs_lookahead:
-                self.bank.write_lookahead(self._lookahead(inputs))
+                self._lookahead(inputs)
 
         losses: list[Tensor] = []
         h = inputs
@@ -165,14 +167,14 @@ class LocalLearner(nn.Module):
                 f"the loss of module {bad} is {losses[bad].item()} at step {self.global_step}; "
                 "lower the learning rate or use precision=fp32")
 
-    def _lookahead(self, inputs: Tensor) -> list[Tensor]:
-        outputs = []
+    def _lookahead(self, inputs: Tensor) -> None:
+        """One no-grad forward that fills the bank with every module's summary for this batch."""
+        assert self.bank is not None
         with torch.no_grad(), self._autocast(), frozen_bn_statistics(self):
             h = inputs
-            for module in self.local_modules:
+            for k, module in enumerate(self.local_modules):
                 h = module(h)
-                outputs.append(h)
-        return outputs
+                self.bank.write_lookahead(k, h)  # summarised now, so no full map outlives its module
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -210,19 +212,19 @@ class LocalLearner(nn.Module):
         state = {f"model.{k}": v for k, v in self._plain.state_dict().items()}
         seen = {v.data_ptr() for v in state.values() if v.numel()}
         for k, v in self.aux_nets.state_dict().items():
-            if not (v.numel() and v.data_ptr() in seen):  # shared-head tensors are saved once
+            if not (v.numel() and v.data_ptr() in seen):  # shared tensors are saved once
                 state[f"aux.{k}"] = v
+                seen.add(v.data_ptr())
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        model = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
-        aux = {k[4:]: v for k, v in state.items() if k.startswith("aux.")}
-        self._plain.load_state_dict(model, strict=True)
-        missing, unexpected = self.aux_nets.load_state_dict(aux, strict=False)
-        shared = {k for k, v in self.aux_nets.state_dict().items() if v.numel() and v.data_ptr() in
-                  {t.data_ptr() for t in self._plain.state_dict().values() if t.numel()}}
-        if unexpected or set(missing) - shared:
-            raise ValueError(f"checkpoint does not match the auxiliary networks: missing {sorted(set(missing) - shared)}, unexpected {sorted(unexpected)}")
+        """Inverse of :meth:`weights`; the key set must match exactly."""
+        expected = set(self.weights())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"checkpoint does not match this learner: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self._plain.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+        self.aux_nets.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("aux.")}, strict=False)
 
     def training_state(self) -> dict[str, Any]:
         """Everything besides weights that a resumed run needs."""

@@ -22,18 +22,36 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], epoch: int) -> None:
+    """Write weights, then state; both carry the epoch so a torn pair is detected on load."""
     from safetensors.torch import save_file
 
-    # State first: a weights file is only ever newer-or-equal to its state.
+    state = {**state, "epoch": epoch}
+    atomic_write(folder / WEIGHTS, lambda p: save_file({k: v.cpu() for k, v in weights.items()}, p,
+                                                        metadata={"epoch": str(epoch)}))
     atomic_write(folder / STATE, lambda p: torch.save(state, p))
-    atomic_write(folder / WEIGHTS, lambda p: save_file({k: v.cpu() for k, v in weights.items()}, p))
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and training state of a run, checked to come from the same epoch."""
+    from safetensors import safe_open
+
+    weights = load_weights(folder / WEIGHTS)
+    state = load_state(folder / STATE)
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        weights_epoch = (f.metadata() or {}).get("epoch")
+    if weights_epoch != str(state.get("epoch")):
+        raise DataError(f"checkpoint in {str(folder)!r} is inconsistent: weights from epoch {weights_epoch}, "
+                        f"training state from epoch {state.get('epoch')} (the run stopped while saving)")
+    return weights, state
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -52,6 +70,6 @@ def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"training state {str(path)!r} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # pickle errors come in many types
-        raise DataError(f"training state {str(path)!r} is corrupt: {error}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling fails in many ways on a damaged file
+        raise DataError(f"training state {str(path)!r} is corrupt or not a training state: {error}") from None

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from fba.build import build_datasets, build_learner, resolve_device
 from fba.config import dump_yaml, load_yaml, resolve_config
 from fba.errors import FBAError, NonFiniteLossError
-from fba.training.checkpoint import STATE, WEIGHTS, load_state, load_weights, save_checkpoint
+from fba.training.checkpoint import STATE, WEIGHTS, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
 
 
@@ -64,9 +64,13 @@ class Trainer:
         trainer = cls(cfg, run_dir=run_dir, log=log)
         ckpt = run_dir / "checkpoints"
         if (ckpt / STATE).is_file():
-            state = load_state(ckpt / STATE)
-            trainer.learner.load_weights(load_weights(ckpt / WEIGHTS))
-            trainer.learner.load_training_state(state["learner"])
+            weights, state = load_checkpoint(ckpt)
+            try:
+                trainer.learner.load_weights(weights)
+                trainer.learner.load_training_state(state["learner"])
+            except (ValueError, RuntimeError, KeyError) as error:
+                raise FBAError(f"resume: the checkpoint in {str(ckpt)!r} does not fit this config "
+                               f"(was a structural key overridden?): {str(error).splitlines()[0]}") from None
             trainer.start_epoch = state["epoch"] + 1
             trainer.rows = state["rows"]
             trainer.peak_memory_bytes = state.get("peak_memory_bytes")
@@ -96,8 +100,11 @@ class Trainer:
 
     def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
         """Train to ``train.epochs`` (or only ``stop_after_epochs`` more, to simulate an interruption)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        except OSError as error:
+            raise FBAError(f"cannot create the run folder {str(self.run_dir)!r}: {error.strerror or error}") from None
         records = RunRecords(self.run_dir, self.rows)
         epochs = self.cfg["train"]["epochs"]
         last = epochs if stop_after_epochs is None else min(epochs, self.start_epoch + stop_after_epochs - 1)
@@ -126,6 +133,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         torch.manual_seed(_epoch_seed(self.cfg["seed"], epoch))
+        cuda_peak = self.device.type == "cuda" and self.cfg["train"]["measure_memory"]
+        if cuda_peak:  # training steps only: evaluation must not set the training peak
+            torch.cuda.reset_peak_memory_stats(self.device)
         losses: list[float] = []
         start = time.perf_counter()
         batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
@@ -133,7 +143,7 @@ class Trainer:
         for images, labels, indices in batches:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            if self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"]:
+            if self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"] and not cuda_peak:
                 out = self._measured_step(images, labels, indices)
             else:
                 out = self.learner.train_step(images, labels, indices)
@@ -144,20 +154,16 @@ class Trainer:
                 records.scalar("step/lr", out["lr"], self.learner.global_step)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            if self.cfg["train"]["measure_memory"]:
+            if cuda_peak:
                 self.peak_memory_bytes = max(self.peak_memory_bytes or 0, torch.cuda.max_memory_allocated(self.device))
         seconds = time.perf_counter() - start
         return {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
                 "lr": self.learner.optimizers[0].param_groups[0]["lr"], "seconds": seconds}
 
     def _measured_step(self, images, labels, indices) -> dict[str, float]:
-        """The first step, measured: CUDA's allocator peak or the CPU live-tensor peak."""
+        """The first step on CPU, measured by the live-tensor tracker (deterministic)."""
         from fba.bench.memory import peak_memory
 
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.peak_memory_bytes = 0
-            return self.learner.train_step(images, labels, indices)
         result: dict[str, float] = {}
         existing = [images, labels, *self.learner.parameters(), *self.learner.buffers()]
         if self.learner.bank is not None:
@@ -167,9 +173,8 @@ class Trainer:
         return result
 
     def _checkpoint(self, epoch: int, rows: list[dict[str, Any]]) -> None:
-        state = {"epoch": epoch, "rows": rows, "learner": self.learner.training_state(),
-                 "peak_memory_bytes": self.peak_memory_bytes}
-        save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state)
+        state = {"rows": rows, "learner": self.learner.training_state(), "peak_memory_bytes": self.peak_memory_bytes}
+        save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state, epoch)
 
     def summary(self) -> dict[str, Any]:
         timed = [r["seconds"] for r in self.rows]
