@@ -47,7 +47,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer.resume(cfg["resume"], resume_overrides)
     else:
         trainer = Trainer(cfg)
-    summary = trainer.fit()
+    from fba.distributed import teardown
+
+    try:
+        summary = trainer.fit()
+    finally:
+        teardown(trainer.dist)
+    if not trainer.dist.is_main:
+        return 0
     if args.json:
         _print_json(summary)
     else:

@@ -18,6 +18,32 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 STEP_MODES = ("global", "per_module")
 
 
+class LocalUnit(nn.Module):
+    """Module k together with what computes its loss (aux k, or the head for the last module).
+
+    This is the unit of gradient isolation and, when distributed, of DDP gradient averaging:
+    ``forward(h_in, targets) -> (h_out, loss)`` touches exactly the parameters it registers.
+    """
+
+    def __init__(self, learner: "LocalLearner", k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.module = learner.local_modules[k]
+        self.loss_net = learner.aux_nets[k] if k < learner.K - 1 else learner.head
+        object.__setattr__(self, "_learner", learner)  # a back-reference, not a submodule
+
+    def forward(self, h_in: Tensor, targets: Any) -> tuple[Tensor, Tensor]:
+        learner = self._learner
+        h = self.module(h_in)
+        if learner.bank is not None:
+            learner.bank.write(self.k, h)
+        if self.k < learner.K - 1:
+            loss = learner.method.local_loss(self.k, self.loss_net, h, targets, learner.bank)
+        else:
+            loss = learner.task.loss(self.loss_net(h), targets)
+        return h, loss
+
+
 class LocalLearner(nn.Module):
     """Trains a backbone cut into K modules, each by its own local loss.
 
@@ -68,6 +94,10 @@ class LocalLearner(nn.Module):
         self.optimizers = [make_optimizer(params) for params in self._parameter_groups()]
         self.schedulers = [make_scheduler(opt) for opt in self.optimizers] if make_scheduler else []
         self.scaler: torch.amp.GradScaler | None = None
+        # A plain list: the units share the modules registered above, so they are not
+        # registered a second time. distribute() may wrap each in DDP.
+        self.units: list[nn.Module] = [LocalUnit(self, k) for k in range(self.K)]
+        self.world_size = 1
 
     @property
     def K(self) -> int:
@@ -124,15 +154,9 @@ class LocalLearner(nn.Module):
 
         losses: list[Tensor] = []
         h = inputs
-        for k, module in enumerate(self.local_modules):
+        for k, unit in enumerate(self.units):
             with self._autocast():
-                h = module(h.detach())
-                if self.bank is not None:
-                    self.bank.write(k, h)
-                if k < self.K - 1:
-                    loss = self.method.local_loss(k, self.aux_nets[k], h, targets, self.bank)
-                else:
-                    loss = self.task.loss(self.head(h), targets)
+                h, loss = unit(h.detach(), targets)
             losses.append(loss.detach())
             if per_module:
                 self._raise_if_not_finite(losses, first=k)
@@ -158,6 +182,14 @@ class LocalLearner(nn.Module):
         out = {"loss": values[-1], "lr": lr}
         out.update({f"loss/{k}": v for k, v in enumerate(values)})
         return out
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module], world_size: int) -> None:
+        """Wrap every local unit (e.g. in DDP) so that each averages its own gradients."""
+        if any(aux.head is self.head for aux in self.aux_nets if hasattr(aux, "head")):
+            raise ValueError("a head shared by several local units cannot be averaged per unit; "
+                             "use fba.share_head=false with more than one process")
+        self.units = [wrap(unit) for unit in self.units]
+        self.world_size = world_size
 
     def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0) -> None:
         values = torch.stack(losses[first:])

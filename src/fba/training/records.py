@@ -11,11 +11,15 @@ from fba.training.checkpoint import atomic_write
 
 
 class RunRecords:
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None, tensorboard: bool = True) -> None:
+    """``enabled=False`` (replicas other than the main process) keeps rows but writes nothing."""
+
+    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None, tensorboard: bool = True,
+                 enabled: bool = True) -> None:
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self.enabled = enabled
         self._writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -32,6 +36,8 @@ class RunRecords:
         self.save()
 
     def save(self) -> None:
+        if not self.enabled:
+            return
         atomic_write(self.run_dir / "metrics.json", lambda p: Path(p).write_text(json.dumps(self.rows, indent=1)))
         fields = list(dict.fromkeys(k for row in self.rows for k in row))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fba.build import build_datasets, build_learner, resolve_device
 from fba.config import dump_yaml, load_yaml, resolve_config
+from fba.distributed import barrier, device_for, distribute, setup_from_env
 from fba.errors import FBAError, NonFiniteLossError
 from fba.training.checkpoint import STATE, WEIGHTS, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
@@ -37,18 +37,23 @@ class Trainer:
 
     def __init__(self, config: Mapping[str, Any], run_dir: Path | None = None, log=None) -> None:
         self.cfg = dict(config)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.device = resolve_device(self.cfg["device"])
+        self.dist = setup_from_env()
+        self.log = (log or (lambda msg: print(msg, file=sys.stderr))) if self.dist.is_main else (lambda msg: None)
+        self.device = device_for(self.dist, resolve_device(self.cfg["device"]))
+        self.cfg["device"] = str(self.device) if self.dist.enabled else self.cfg["device"]
         self.train_set, self.test_set, self.info = build_datasets(self.cfg)
         data = self.cfg["data"]
         self.batch_size = data["batch_size"]
-        drop_last = len(self.train_set) > self.batch_size  # a batch of one breaks train-mode BatchNorm
-        self.steps_per_epoch = len(self.train_set) // self.batch_size if drop_last else 1
+        global_batch = self.batch_size * self.dist.world_size
+        drop_last = len(self.train_set) > global_batch  # a batch of one breaks train-mode BatchNorm
+        self.steps_per_epoch = len(self.train_set) // global_batch if drop_last else 1
         self.drop_last = drop_last
         self.learner = build_learner(
             self.cfg, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
             num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
             steps_per_epoch=self.steps_per_epoch)
+        if self.dist.enabled:
+            distribute(self.learner, self.dist, self.device)
         self.run_dir = run_dir or self._new_run_dir()
         self.start_epoch = 1
         self.rows: list[dict[str, Any]] = []
@@ -91,33 +96,44 @@ class Trainer:
     def loader(self, train: bool, epoch: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(_epoch_seed(self.cfg["seed"], epoch))
         data = self.cfg["data"]
+        sampler = None
+        if train and self.dist.enabled:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                         shuffle=True, seed=self.cfg["seed"], drop_last=True)
+            sampler.set_epoch(epoch)
         return DataLoader(
             self.train_set if train else self.test_set,
             batch_size=self.batch_size if train else data["eval_batch_size"],
-            shuffle=train, drop_last=train and self.drop_last, generator=generator,
+            shuffle=train and sampler is None, sampler=sampler, drop_last=train and self.drop_last, generator=generator,
             num_workers=data["num_workers"], pin_memory=self.device.type == "cuda",
             persistent_workers=False)
 
     def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
         """Train to ``train.epochs`` (or only ``stop_after_epochs`` more, to simulate an interruption)."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        except OSError as error:
-            raise FBAError(f"cannot create the run folder {str(self.run_dir)!r}: {error.strerror or error}") from None
-        records = RunRecords(self.run_dir, self.rows)
+        main = self.dist.is_main
+        if main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            except OSError as error:
+                raise FBAError(f"cannot create the run folder {str(self.run_dir)!r}: {error.strerror or error}") from None
+        records = RunRecords(self.run_dir, self.rows, enabled=main)
         epochs = self.cfg["train"]["epochs"]
         last = epochs if stop_after_epochs is None else min(epochs, self.start_epoch + stop_after_epochs - 1)
         self.log(f"run folder: {self.run_dir}")
         try:
             for epoch in range(self.start_epoch, last + 1):
                 row = self._train_epoch(epoch, records)
-                if epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs:
+                if main and (epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs):
                     metrics = self.learner.task.evaluate(self.learner, self.loader(False), self.device)
                     row.update(top1=metrics["top1"], test_loss=metrics["loss"])
                     self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, test top-1 {metrics['top1']:.4f}, {row['seconds']:.1f}s")
                 records.add_epoch(row)
-                self._checkpoint(epoch, records.rows)
+                if main:
+                    self._checkpoint(epoch, records.rows)
+                barrier(self.dist)  # replicas wait while the main process evaluates and saves
         except NonFiniteLossError as error:
             kept = self.run_dir / "checkpoints" / WEIGHTS
             where = f"; the last good checkpoint is kept at {kept}" if kept.exists() else ""
@@ -126,7 +142,8 @@ class Trainer:
             records.close()
         self.rows = records.rows
         summary = self.summary()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def _train_epoch(self, epoch: int, records: RunRecords) -> dict[str, Any]:
@@ -139,7 +156,7 @@ class Trainer:
         losses: list[float] = []
         start = time.perf_counter()
         batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
-                       disable=not self.cfg["train"]["progress"], file=sys.stderr)
+                       disable=not (self.cfg["train"]["progress"] and self.dist.is_main), file=sys.stderr)
         for images, labels, indices in batches:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -179,13 +196,12 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         timed = [r["seconds"] for r in self.rows]
         top1 = next((r["top1"] for r in reversed(self.rows) if "top1" in r), None)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         return {
             "run_dir": str(self.run_dir),
             "top1": top1,
             "peak_memory_bytes": self.peak_memory_bytes,
             "seconds_per_epoch": statistics.fmean(timed) if timed else None,
-            "world_size": world_size,
+            "world_size": self.dist.world_size,
             "epochs": len(self.rows),
             "method": self.cfg["method"],
             "model": self.cfg["model"],

@@ -1,0 +1,85 @@
+"""Data-parallel local learning with torchrun + DDP.
+
+Launch with ``torchrun --nproc_per_node=N -m fba.cli train ...`` (or the ``fba`` script
+through ``torchrun --no-python``). Every process holds a replica; each local unit (module k
+with its auxiliary network, or the last module with the head) is its own DDP instance, so
+the gradients of module k are averaged during module k's backward, overlapping with the
+next module's work, and no gradient ever crosses a module boundary. ``data.batch_size`` is
+per process. The backend is NCCL on CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fba.errors import FBAError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_from_env() -> DistInfo:
+    """Join the process group that torchrun describes in the environment (if any)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def device_for(info: DistInfo, requested: torch.device) -> torch.device:
+    """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    if info.enabled and requested.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return requested
+
+
+def distribute(learner, info: DistInfo, device: torch.device) -> None:
+    """Make every local unit of ``learner`` its own DDP instance."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def wrap(unit: nn.Module) -> nn.Module:
+        return DDP(unit, device_ids=[device.index] if device.type == "cuda" else None)
+
+    try:
+        learner.distribute(wrap, info.world_size)
+    except ValueError as error:
+        raise FBAError(str(error)) from None
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
