@@ -36,6 +36,12 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
 
+def _report(args: argparse.Namespace, result: Any, text: str) -> int:
+    """``--json``: the result as one JSON line; otherwise a human sentence."""
+    _print_json(result) if args.json else print(text)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fba.config import resolve_config
     from fba.training.trainer import Trainer
@@ -55,11 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         teardown(trainer.dist)
     if not trainer.dist.is_main:
         return 0
-    if args.json:
-        _print_json(summary)
-    else:
-        print(f"done: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch, run folder {summary['run_dir']}")
-    return 0
+    return _report(args, summary, f"done: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch, "
+                                  f"run folder {summary['run_dir']}")
 
 
 def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
@@ -104,11 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loader = DataLoader(test_set, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"])
     metrics = learner.task.evaluate(learner, loader, resolve_device(cfg["device"]))
     result = {"run": args.run, "dataset": cfg["data"]["name"], **metrics}
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
-    return 0
+    return _report(args, result, f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -123,11 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "class": f"{type(model).__module__}.{type(model).__qualname__}"}
     save_file(state, str(out), metadata=meta)
     result = {"path": str(out), "params": sum(v.numel() for v in model.parameters()), **meta}
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"exported {meta['class']} ({result['params']:,} parameters) to {out}")
-    return 0
+    return _report(args, result, f"exported {meta['class']} ({result['params']:,} parameters) to {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

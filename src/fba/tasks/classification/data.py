@@ -180,51 +180,45 @@ def patches(root: str = "", download: bool = False, augment: bool = True, per_cl
     return train, test, DataInfo(len(PATCH_PHOTOS), 3, 32, len(train))
 
 
-def _torchvision_set(label: str, build: Callable[[bool], tuple[Dataset, Dataset]], root: str, download: bool):
+def _torchvision_pair(label: str, make: Callable[[Any, str, Callable, bool], Dataset], root: str, download: bool,
+                      mean, std, train_augment: list | None, image_size: int):
+    """Train and test splits of a 10-class torchvision dataset, indexed, with clear errors.
+
+    ``make(datasets_module, split, transform, download)`` builds one split.
+    """
+    from torchvision import datasets
+
     try:
-        return build(download)
+        train = make(datasets, "train", _pil_transform(mean, std, train_augment), download)
+        test = make(datasets, "test", _pil_transform(mean, std, None), download)
     except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
         # torchvision raises RuntimeError("Dataset not found or corrupted"); damaged files
         # surface as unpickling, decoding or shape errors.
         hint = "" if download else " (or set data.download=true to fetch it)"
         raise DataError(f"{label} not found or corrupt under {Path(root).resolve()}: {error}{hint}") from None
+    return Indexed(train), Indexed(test), DataInfo(10, 3, image_size, len(train))
 
 
 @DATASETS.register("cifar10")
 def cifar10(root: str = "./data", download: bool = False, augment: bool = True, **_: Any):
-    from torchvision import datasets
-
-    train_tf = _pil_transform(CIFAR_MEAN, CIFAR_STD, _crop_flip(32, 4, True) if augment else None)
-    test_tf = _pil_transform(CIFAR_MEAN, CIFAR_STD, None)
-    train, test = _torchvision_set("CIFAR-10", lambda dl: (
-        datasets.CIFAR10(root, train=True, transform=train_tf, download=dl),
-        datasets.CIFAR10(root, train=False, transform=test_tf, download=dl)), root, download)
-    return Indexed(train), Indexed(test), DataInfo(10, 3, 32, len(train))
+    return _torchvision_pair(
+        "CIFAR-10", lambda ds, split, tf, dl: ds.CIFAR10(root, train=split == "train", transform=tf, download=dl),
+        root, download, CIFAR_MEAN, CIFAR_STD, _crop_flip(32, 4, True) if augment else None, 32)
 
 
 @DATASETS.register("svhn")
 def svhn(root: str = "./data", download: bool = False, augment: bool = True, **_: Any):
-    from torchvision import datasets
-
-    train_tf = _pil_transform(CIFAR_MEAN, CIFAR_STD, _crop_flip(32, 2, False, "constant") if augment else None)
-    test_tf = _pil_transform(CIFAR_MEAN, CIFAR_STD, None)
-    train, test = _torchvision_set("SVHN", lambda dl: (
-        datasets.SVHN(root, split="train", transform=train_tf, download=dl),
-        datasets.SVHN(root, split="test", transform=test_tf, download=dl)), root, download)
-    return Indexed(train), Indexed(test), DataInfo(10, 3, 32, len(train))
+    return _torchvision_pair(
+        "SVHN", lambda ds, split, tf, dl: ds.SVHN(root, split=split, transform=tf, download=dl),
+        root, download, CIFAR_MEAN, CIFAR_STD, _crop_flip(32, 2, False, "constant") if augment else None, 32)
 
 
 @DATASETS.register("stl10")
 def stl10(root: str = "./data", download: bool = False, augment: bool = True, **_: Any):
-    from torchvision import datasets
-
     half = (0.5, 0.5, 0.5)
-    train_tf = _pil_transform(half, half, _crop_flip(96, 4, True) if augment else None)
-    test_tf = _pil_transform(half, half, None)
-    train, test = _torchvision_set("STL-10", lambda dl: (
-        datasets.STL10(root, split="train", transform=train_tf, download=dl),
-        datasets.STL10(root, split="test", transform=test_tf, download=dl)), root, download)
-    return Indexed(train), Indexed(test), DataInfo(10, 3, 96, len(train))
+    return _torchvision_pair(
+        "STL-10", lambda ds, split, tf, dl: ds.STL10(root, split=split, transform=tf, download=dl),
+        root, download, half, half, _crop_flip(96, 4, True) if augment else None, 96)
 
 
 @DATASETS.register("imagenet")
