@@ -189,3 +189,12 @@ def test_inpass_bank_reads_the_latest_module_of_each_stage():
     learner = fba.build_learner(model="resnet101", K=34, num_classes=10)
     widths = [aux.fusion.proj.in_features for aux in learner.aux_nets if aux.fusion is not None]
     assert max(widths) <= 64 + 256 + 512 + 1024 + 2048
+
+
+def test_longterm_bank_grows_without_num_samples():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **{"fba.bank.source": "longterm"})
+    x, y = tiny_batch()
+    learner.train_step(x, y, torch.arange(100, 108))
+    assert learner.bank.table.shape[0] >= 108 and learner.bank.filled[100:108].all()
+    with pytest.raises(ValueError, match="indices"):
+        learner.train_step(x, y)

@@ -51,7 +51,7 @@ class FeatureBank:
         module_stages: stage index of each module's output (length K).
         summarize: maps a module's output map to what is stored (e.g. global average
             pooling for classification).
-        num_samples: dataset size; required by ``longterm``.
+        num_samples: dataset size, to allocate the long-term table up front (else it grows).
         storage_device: where the long-term table lives (``"cpu"`` keeps GPU memory free).
         storage_dtype: dtype of the long-term table.
     """
@@ -77,10 +77,10 @@ class FeatureBank:
         self.table: Tensor | None = None
         self.filled: Tensor | None = None
         if source == "longterm":
-            if not num_samples:
-                raise ValueError("the long-term bank needs num_samples (the training set size)")
-            self.table = torch.zeros(num_samples, self.module_channels[-1], dtype=storage_dtype, device=storage_device)
-            self.filled = torch.zeros(num_samples, dtype=torch.bool, device=storage_device)
+            # Sized to the training set when known; otherwise grown to the largest index seen.
+            rows = num_samples or 0
+            self.table = torch.zeros(rows, self.module_channels[-1], dtype=storage_dtype, device=storage_device)
+            self.filled = torch.zeros(rows, dtype=torch.bool, device=storage_device)
 
     # ---- shapes -------------------------------------------------------------------------
     @property
@@ -128,6 +128,7 @@ class FeatureBank:
         if self.source == "longterm":
             assert self.table is not None and self.filled is not None and self._indices is not None
             idx = self._indices.to(self.table.device)
+            self._ensure_rows(int(idx.max()) + 1)
             return self.table[idx].to(device, torch.float32), self.filled[idx].to(device)
         return None, None
 
@@ -136,10 +137,18 @@ class FeatureBank:
         if self.source == "longterm" and self._step:
             assert self.table is not None and self.filled is not None and self._indices is not None
             idx = self._indices.to(self.table.device)
+            self._ensure_rows(int(idx.max()) + 1)
             last = self._step[len(self.module_channels) - 1]
             self.table[idx] = last.to(self.table.device, self.table.dtype)
             self.filled[idx] = True
         self._step.clear()
+
+    def _ensure_rows(self, rows: int) -> None:
+        assert self.table is not None and self.filled is not None
+        if rows > self.table.shape[0]:
+            grow = max(rows, 2 * self.table.shape[0]) - self.table.shape[0]
+            self.table = torch.cat([self.table, self.table.new_zeros(grow, self.table.shape[1])])
+            self.filled = torch.cat([self.filled, self.filled.new_zeros(grow)])
 
     # ---- accounting and persistence --------------------------------------------------------
     def nbytes(self) -> int:
@@ -162,5 +171,5 @@ class FeatureBank:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if self.table is not None and self.filled is not None and state:
-            self.table.copy_(state["table"])
-            self.filled.copy_(state["filled"])
+            self.table = state["table"].to(self.table.device, self.table.dtype).clone()
+            self.filled = state["filled"].to(self.filled.device).clone()
