@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, step: str, out: str) -> None:
     distribute(learner, info, torch.device("cpu"))
     x, y = tiny_batch(n=16, size=16)
     shard = slice(rank * 8, rank * 8 + 8)
-    learner.train_step(x[shard], y[shard])
+    learner.train_step(x[shard], y[shard], torch.arange(16)[shard])
     if rank == 0:
         torch.save({k: v for k, v in learner.plain.named_parameters()}, out)
     teardown(info)
@@ -48,7 +48,7 @@ def test_ddp_step_equals_the_mean_of_the_replicas_updates(tmp_path, step):
     replicas = []
     for shard in (slice(0, 8), slice(8, 16)):
         learner = fba.build_learner(**OPTS, **{"optim.step": step})
-        learner.train_step(x[shard], y[shard])
+        learner.train_step(x[shard], y[shard], torch.arange(16)[shard])
         replicas.append(dict(learner.plain.named_parameters()))
     start = dict(fba.build_learner(**OPTS).plain.named_parameters())
     for name, value in ddp.items():

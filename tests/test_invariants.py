@@ -186,7 +186,7 @@ def test_inpass_bank_reads_the_latest_module_of_each_stage():
     assert inpass_sources(stages, 0) == []
     assert inpass_sources(stages, 3) == [0, 2]
     assert inpass_sources(stages, 6) == [0, 3, 5]
-    learner = fba.build_learner(model="resnet101", K=34, num_classes=10)
+    learner = fba.build_learner(model="resnet101", K=34, num_classes=10, **{"fba.bank.source": "inpass", "fba.bank.usage": "input"})
     widths = [aux.fusion.proj.in_features for aux in learner.aux_nets if aux.fusion is not None]
     assert max(widths) <= 64 + 256 + 512 + 1024 + 2048
 
@@ -196,5 +196,7 @@ def test_longterm_bank_grows_without_num_samples():
     x, y = tiny_batch()
     learner.train_step(x, y, torch.arange(100, 108))
     assert learner.bank.table.shape[0] >= 108 and learner.bank.filled[100:108].all()
-    with pytest.raises(ValueError, match="indices"):
+    table = learner.bank.table.clone()
+    with pytest.warns(UserWarning, match="needs the dataset indices"):
         learner.train_step(x, y)
+    assert torch.equal(learner.bank.table, table)

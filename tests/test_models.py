@@ -26,7 +26,7 @@ def test_units_and_head_equal_plain_model(name):
 def test_fba_one_module_per_unit_trains(name):
     n_units = len(MODELS.get(name)(num_classes=10).units)
     learner = fba.build_learner(model=name, method="fba", K=n_units, num_classes=10)
-    out = learner.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out = learner.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.arange(4))
     assert len(learner.local_modules) == n_units and len(learner.aux_nets) == n_units - 1
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
 

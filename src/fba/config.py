@@ -62,8 +62,9 @@ DEFAULTS: dict[str, Any] = {
         "reduction": 1,
         "share_head": False,
         "bank": {
-            "source": "inpass",
-            "usage": "input",
+            # Chosen by the ablation in docs/feature_bank.md (ResNet-32 K=16 on patches).
+            "source": "longterm",
+            "usage": "target",
             "fusion": "add",
             "target_weight": 1.0,
             "storage": "cpu",

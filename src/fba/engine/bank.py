@@ -16,6 +16,7 @@ Nothing stored here carries autograd history, and the bank is never read in eval
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -97,13 +98,21 @@ class FeatureBank:
     # ---- one training step ----------------------------------------------------------------
     def begin_step(self, indices: Tensor | None) -> None:
         self._step.clear()
-        if self.source == "longterm" and indices is None:
-            raise ValueError("the long-term bank needs the dataset indices of the batch: pass indices= to train_step")
+        if self.source == "longterm" and indices is None and not self._warned:
+            warnings.warn("the long-term feature bank needs the dataset indices of each batch "
+                          "(train_step(inputs, targets, indices)); without them it is skipped", stacklevel=3)
+            self._warned = True
         self._indices = indices
+
+    _warned = False
+
+    @property
+    def _longterm_active(self) -> bool:
+        return self.source == "longterm" and self._indices is not None
 
     def write(self, k: int, h: Tensor) -> None:
         """Record module k's output (detached) for this step."""
-        if self.source == "inpass" or (self.source == "longterm" and k == len(self.module_channels) - 1):
+        if self.source == "inpass" or (self._longterm_active and k == len(self.module_channels) - 1):
             with torch.no_grad():
                 self._step[k] = self.summarize(h.detach()).float()
 
@@ -125,7 +134,7 @@ class FeatureBank:
             return torch.cat([self._step[j] for j in sources], dim=1), None
         if self.source == "lookahead":
             return self._step[len(self.module_channels) - 1], None
-        if self.source == "longterm":
+        if self._longterm_active:
             assert self.table is not None and self.filled is not None and self._indices is not None
             idx = self._indices.to(self.table.device)
             self._ensure_rows(int(idx.max()) + 1)
@@ -134,7 +143,7 @@ class FeatureBank:
 
     def end_step(self) -> None:
         """Commit this step's last-module summaries to the long-term table."""
-        if self.source == "longterm" and self._step:
+        if self._longterm_active and self._step:
             assert self.table is not None and self.filled is not None and self._indices is not None
             idx = self._indices.to(self.table.device)
             self._ensure_rows(int(idx.max()) + 1)

@@ -71,8 +71,8 @@ class FBA(LocalMethod):
 
     name = "fba"
 
-    def __init__(self, reduction: int = 1, share_head: bool = False, bank_source: str = "inpass",
-                 bank_usage: str = "input", fusion: str = "add", target_weight: float = 1.0,
+    def __init__(self, reduction: int = 1, share_head: bool = False, bank_source: str = "longterm",
+                 bank_usage: str = "target", fusion: str = "add", target_weight: float = 1.0,
                  bank_storage: str = "cpu", bank_dtype: str = "float16") -> None:
         if reduction < 1:
             raise ValueError(f"fba.reduction must be >= 1, got {reduction}")
