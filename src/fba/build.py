@@ -7,22 +7,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from fba.config import resolve_config
 from fba.errors import ConfigError, FBAError
 
-_API_KEYS = {"task", "model", "method", "K", "partition", "cuts", "seed", "device", "precision"}
-
-
-def config_from_api(config: str | Path | Mapping[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``build_learner``'s keyword arguments into a validated config.
-
-    Top-level keys (``model``, ``method``, ``K``, ...) are passed as is; anything else may be
-    a dotted key (``**{"fba.bank.source": "longterm"}``) or a section dict (``fba={...}``).
-    """
-    overrides = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_channels", "num_samples")}
-    return resolve_config(config, overrides)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,7 +104,8 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     from fba.engine.partition import partition_units
     from fba.methods.base import BuildContext
 
-    cfg = config_from_api(config, kwargs)
+    # Top-level keys pass as is; nested ones as dotted keys or section dicts (fba={...}).
+    cfg = resolve_config(config, kwargs)
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
     if cfg["precision"] == "fp16" and device.type != "cuda":
@@ -160,9 +149,3 @@ def build_datasets(cfg: Mapping[str, Any]):
     return builder(root=data["root"], download=data["download"], augment=data["augment"],
                    per_class_train=data["per_class_train"], per_class_test=data["per_class_test"],
                    image_size=data["image_size"])
-
-
-def model_summary(learner: nn.Module) -> dict[str, int]:
-    plain = sum(p.numel() for p in learner.plain.parameters())
-    aux = sum(p.numel() for p in learner.aux_nets.parameters())
-    return {"backbone_and_head_params": plain, "aux_params": aux}

@@ -45,7 +45,16 @@ class BuildContext:
         return len(self.groups)
 
     def last_spec(self, k: int):
+        """Shape spec of module k's output (its last unit's)."""
         return self.model.specs[self.groups[k][-1]]
+
+    @property
+    def module_channels(self) -> list[int]:
+        return [self.last_spec(k).out_channels for k in range(self.K)]
+
+    @property
+    def module_stages(self) -> list[int]:
+        return [self.last_spec(k).stage for k in range(self.K)]
 
 
 class LocalMethod:

@@ -76,8 +76,10 @@ class FBA(LocalMethod):
                  bank_storage: str = "cpu", bank_dtype: str = "float16") -> None:
         if reduction < 1:
             raise ValueError(f"fba.reduction must be >= 1, got {reduction}")
-        if bank_source not in BANK_SOURCES or bank_usage not in BANK_USAGES or fusion not in FUSION_MODES:
-            raise ValueError("invalid FBA bank option")
+        for name, value, choices in (("bank_source", bank_source, BANK_SOURCES), ("bank_usage", bank_usage, BANK_USAGES),
+                                     ("fusion", fusion, FUSION_MODES)):
+            if value not in choices:
+                raise ValueError(f"fba {name} must be one of {choices}, got {value!r}")
         self.reduction = reduction
         self.share_head = share_head
         self.bank_source = bank_source
@@ -90,15 +92,12 @@ class FBA(LocalMethod):
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
         if self.bank_source == "none" or ctx.K == 1:
             return None
-        channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
-        stages = [ctx.last_spec(k).stage for k in range(ctx.K)]
-        return FeatureBank(self.bank_source, channels, stages, ctx.task.summarize, num_samples=ctx.num_samples,
+        return FeatureBank(self.bank_source, ctx.module_channels, ctx.module_stages, ctx.task.summarize, num_samples=ctx.num_samples,
                            storage_device=self.bank_storage if self.bank_storage == "cpu" else ctx.extra.get("device", "cpu"),
                            storage_dtype=self.bank_dtype)
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
-        module_channels = [ctx.last_spec(k).out_channels for k in range(ctx.K)]
-        module_stages = [ctx.last_spec(k).stage for k in range(ctx.K)]
+        module_channels, module_stages = ctx.module_channels, ctx.module_stages
         head_channels = ctx.model.specs[-1].out_channels
         nets = []
         for k in range(ctx.K - 1):

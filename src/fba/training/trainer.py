@@ -123,6 +123,10 @@ class Trainer:
         epochs = self.cfg["train"]["epochs"]
         last = epochs if stop_after_epochs is None else min(epochs, self.start_epoch + stop_after_epochs - 1)
         self.log(f"run folder: {self.run_dir}")
+        backbone = sum(p.numel() for p in self.learner.plain.parameters())
+        aux = sum(p.numel() for p in self.learner.aux_nets.parameters())
+        self.log(f"{self.cfg['method']} {self.cfg['model']} K={self.learner.K} on {self.cfg['data']['name']}: "
+                 f"{backbone:,} backbone+head parameters, {aux:,} auxiliary (training only)")
         try:
             for epoch in range(self.start_epoch, last + 1):
                 row = self._train_epoch(epoch, records)
