@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, step: str, out: str) -> None:
     learner.train_step(x[shard], y[shard], torch.arange(16)[shard])
     if rank == 0:
         torch.save({k: v for k, v in learner.plain.named_parameters()}, out)
-    teardown(info)
+    teardown(info, learner)
 
 
 @pytest.mark.parametrize("step", ["global", "per_module"])

@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()
     finally:
-        teardown(trainer.dist)
+        teardown(trainer.dist, trainer.learner)
     if not trainer.dist.is_main:
         return 0
     return _report(args, summary, f"done: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch, "

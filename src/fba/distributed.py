@@ -77,9 +77,22 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, learner=None) -> None:
+    """Leave the process group cleanly.
+
+    The DDP wrappers go first: a DDP reducer destroyed after its process group aborts the
+    process ("terminate called without an active exception").
+    """
     if info.enabled:
+        import gc
+
         import torch.distributed as dist
 
+        if learner is not None:
+            learner.undistribute()
+        gc.collect()
         if dist.is_initialized():
+            # Everyone arrives before anyone leaves: a process that exits while a peer still
+            # holds open gloo connections makes that peer abort.
+            dist.barrier()
             dist.destroy_process_group()

@@ -191,6 +191,11 @@ class LocalLearner(nn.Module):
         self.units = [wrap(unit) for unit in self.units]
         self.world_size = world_size
 
+    def undistribute(self) -> None:
+        """Drop the DDP wrappers (before the process group goes away)."""
+        self.units = [LocalUnit(self, k) for k in range(self.K)]
+        self.world_size = 1
+
     def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0) -> None:
         values = torch.stack(losses[first:])
         if not bool(torch.isfinite(values).all()):
