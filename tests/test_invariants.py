@@ -54,14 +54,17 @@ def test_each_local_loss_reaches_only_its_module_and_aux():
     calls = []
     original = learner._backward
     learner._backward = lambda loss: (calls.append(len(calls)), original(loss))
+    indices = torch.arange(len(y))
     owner = {}
     for k in range(learner.K):
         mods = [learner.local_modules[k], learner.aux_nets[k] if k < learner.K - 1 else learner.head]
         for m in mods:
             for p in m.parameters():
                 owner[id(p)] = k
-    learner.train_step(x, y)
-    assert len(calls) == learner.K  # one backward per module, never one summed backward
+    learner.train_step(x, y, indices)
+    learner.train_step(x, y, indices)  # the second visit reads the long-term bank (default)
+    assert len(calls) == 2 * learner.K  # one backward per module, never one summed backward
+    assert set(seen) == set(owner)  # every module, aux and head parameter was trained
     for pid, ks in seen.items():
         assert ks == {owner[pid]}
 
