@@ -85,10 +85,6 @@ class FeatureBank:
 
     # ---- shapes -------------------------------------------------------------------------
     @property
-    def active(self) -> bool:
-        return self.source != "none"
-
-    @property
     def needs_lookahead(self) -> bool:
         return self.source == "lookahead"
 

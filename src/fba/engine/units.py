@@ -48,7 +48,3 @@ class UnitModel:
     head: nn.Module
     make_stage_block: Callable[[int, int, int], nn.Module]
     make_head: Callable[[int], nn.Module]
-
-    @property
-    def num_stages(self) -> int:
-        return max(spec.stage for spec in self.specs)
