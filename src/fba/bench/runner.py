@@ -82,9 +82,10 @@ def measure_time(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int
             learner.train_step(images, labels, indices)
             sync()
             times.append(time.perf_counter() - start)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         rows.append({"method": method, "model": cfg["model"], "K": learner.K, "batch_size": batch_size,
                      "input_size": input_size, "seconds_per_step": statistics.median(times),
-                     "iqr_seconds": (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0]) if len(times) > 1 else 0.0})
+                     "iqr_seconds": quartiles[2] - quartiles[0]})
         del learner
     _add_ratio(rows, "seconds_per_step", "time_ratio_to_bp")
     return rows
