@@ -18,7 +18,7 @@ The auxiliary network of module k is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,25 +33,36 @@ from fba.methods.base import BuildContext, LocalMethod
 class SimpleLocalModule(nn.Module):
     """Stage-tail block, optional bank fusion, task head.
 
-    ``forward(h, bank=None) -> (output, z)`` where ``z`` is the fused map fed to the head
-    (``(N, C', H, W)``) and ``output`` is whatever the task head returns.
+    ``forward(h, bank=None) -> (output, predicted)``: ``output`` is whatever the task head
+    returns; ``predicted`` is the SLM's pooled features projected to the bank's width
+    ``(N, D)`` when it has a feature-matching target, else None.
     """
 
     def __init__(self, block: nn.Module, head: nn.Module, fusion: LightFusion | None = None,
-                 target_proj: nn.Module | None = None, adapter: nn.Module | None = None) -> None:
+                 target_proj: nn.Module | None = None, adapter: nn.Module | None = None,
+                 summarize: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
+        self.summarize = summarize
         self.block = block
         self.fusion = fusion
         self.adapter = adapter
         self.head = head
         self.target_proj = target_proj
 
-    def forward(self, h: Tensor, bank: Tensor | None = None) -> tuple[Any, Tensor]:
+    def forward(self, h: Tensor, bank: Tensor | None = None) -> tuple[Any, Tensor | None]:
         z = self.block(h)
         if self.fusion is not None and bank is not None:
             z = self.fusion(z, bank)
-        out = self.head(self.adapter(z) if self.adapter is not None else z)
-        return out, z
+        head_input = self.adapter(z) if self.adapter is not None else z
+        if self.target_proj is None:
+            return self.head(head_input), None
+        if self.adapter is None and hasattr(self.head, "forward_with_embedding"):
+            # The feature-matching loss reads the head's own pooled vector: both losses meet at
+            # the vector, and one full-size gradient map flows back through the pooling, not two.
+            out, pooled = self.head.forward_with_embedding(head_input)
+        else:
+            out, pooled = self.head(head_input), self.summarize(z)
+        return out, self.target_proj(pooled.float())
 
 
 @METHODS.register("fba")
@@ -116,15 +127,14 @@ class FBA(LocalMethod):
                 adapter = nn.Conv2d(channels, head_channels, 1, bias=False) if channels != head_channels else None
             else:
                 head, adapter = ctx.model.make_head(channels), None
-            nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter))
+            nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter, ctx.task.summarize))
         return nets
 
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
         features, valid = bank.read(k, h.device) if bank is not None else (None, None)
-        out, z = aux(h, features if self.bank_usage == "input" else None)
+        out, predicted = aux(h, features if self.bank_usage == "input" else None)
         loss = self.task.loss(out, targets)
-        if self.bank_usage == "target" and features is not None and aux.target_proj is not None:
-            predicted = aux.target_proj(self.task.summarize(z).float())
+        if predicted is not None and features is not None:
             mismatch = 1.0 - F.cosine_similarity(predicted, features, dim=1)
             if valid is not None:
                 mismatch = mismatch * valid.float()

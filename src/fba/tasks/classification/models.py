@@ -29,7 +29,12 @@ class ClassifierHead(nn.Module):
         self.fc = fc
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        return self.forward_with_embedding(h)[0]
+
+    def forward_with_embedding(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, pooled)``: the pooled vector lets a second loss share the pooling's backward."""
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1)
+        return self.fc(pooled), pooled
 
 
 class CifarResNet(nn.Module):
