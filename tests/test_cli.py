@@ -111,6 +111,8 @@ def test_list(capsys):
     (["train", "precision=fp16", "device=cpu"], "fp16 needs CUDA"),
     (["train", "data.batch_size=1"], "expected an integer >= 2"),
     (["train", "train.runs_dir=/dev/null/x"], "cannot create the run folder"),
+    (["train", str(Path(__file__).parent.parent / "configs/builtin/ci.yaml"), "resume=runs/x"], "continues with that run's own config.yaml"),
+    (["train", "resume=/nonexistent/run"], "is not a run folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     code, out, err = run_cli(capsys, *argv)

@@ -48,6 +48,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_config_and_overrides(args.items)
     cfg = resolve_config(config_path, overrides)
+    if cfg["resume"] and config_path:
+        from fba.errors import ConfigError
+
+        raise ConfigError(f"resume={cfg['resume']} continues with that run's own config.yaml; "
+                          f"drop {config_path!r} (key=value overrides are still applied)")
     if cfg["resume"]:
         resume_overrides = [o for o in overrides if not o.startswith("resume=")]
         trainer = Trainer.resume(cfg["resume"], resume_overrides)
