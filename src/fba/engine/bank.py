@@ -77,6 +77,7 @@ class FeatureBank:
         self._indices: Tensor | None = None
         self.table: Tensor | None = None
         self.filled: Tensor | None = None
+        self._warned = False
         if source == "longterm":
             # Sized to the training set when known; otherwise grown to the largest index seen.
             rows = num_samples or 0
@@ -98,9 +99,11 @@ class FeatureBank:
             warnings.warn("the long-term feature bank needs the dataset indices of each batch "
                           "(train_step(inputs, targets, indices)); without them it is skipped", stacklevel=3)
             self._warned = True
+        if self.source == "longterm" and indices is not None:
+            # Once per step: the K-1 reads and the commit all index the table with these.
+            indices = indices.to(self.table.device)
+            self._ensure_rows(int(indices.max()) + 1)
         self._indices = indices
-
-    _warned = False
 
     @property
     def _longterm_active(self) -> bool:
@@ -132,8 +135,7 @@ class FeatureBank:
             return self._step[len(self.module_channels) - 1], None
         if self._longterm_active:
             assert self.table is not None and self.filled is not None and self._indices is not None
-            idx = self._indices.to(self.table.device)
-            self._ensure_rows(int(idx.max()) + 1)
+            idx = self._indices
             return self.table[idx].to(device, torch.float32), self.filled[idx].to(device)
         return None, None
 
@@ -141,8 +143,7 @@ class FeatureBank:
         """Commit this step's last-module summaries to the long-term table."""
         if self._longterm_active and self._step:
             assert self.table is not None and self.filled is not None and self._indices is not None
-            idx = self._indices.to(self.table.device)
-            self._ensure_rows(int(idx.max()) + 1)
+            idx = self._indices
             last = self._step[len(self.module_channels) - 1]
             self.table[idx] = last.to(self.table.device, self.table.dtype)
             self.filled[idx] = True
