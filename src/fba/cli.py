@@ -88,18 +88,14 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
 def _learner_from_run(path: str, overrides: list[str]):
     from fba.build import build_datasets, build_learner
     from fba.config import load_yaml, resolve_config
-    from fba.errors import FBAError
-    from fba.training.checkpoint import load_weights
+    from fba.training.checkpoint import checkpoint_must_fit, load_weights
 
     run_dir, weights = _run_dir_and_weights(path)
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
     train_set, test_set, info = build_datasets(cfg)
     learner = build_learner(cfg, num_classes=info.num_classes, in_channels=info.in_channels, num_samples=info.num_train)
-    try:
+    with checkpoint_must_fit(weights):
         learner.load_weights(load_weights(weights))
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise FBAError(f"the checkpoint {str(weights)!r} does not fit this config (was a structural key "
-                       f"overridden?): {str(error).splitlines()[0]}") from None
     return cfg, learner, test_set, info
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from fba.errors import DataError
+from fba.errors import DataError, FBAError
 
 WEIGHTS = "last.safetensors"
 STATE = "last_state.pt"
@@ -42,12 +43,9 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and training state of a run, checked to come from the same epoch."""
-    from safetensors import safe_open
-
-    weights = load_weights(folder / WEIGHTS)
+    weights, metadata = _read_safetensors(folder / WEIGHTS)
     state = load_state(folder / STATE)
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        weights_epoch = (f.metadata() or {}).get("epoch")
+    weights_epoch = metadata.get("epoch")
     if weights_epoch != str(state.get("epoch")):
         raise DataError(f"checkpoint in {str(folder)!r} is inconsistent: weights from epoch {weights_epoch}, "
                         f"training state from epoch {state.get('epoch')} (the run stopped while saving)")
@@ -55,15 +53,30 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return _read_safetensors(path)[0]
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read in one pass."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} not found")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise DataError(f"checkpoint {str(path)!r} is corrupt: {error}") from None
+
+
+@contextlib.contextmanager
+def checkpoint_must_fit(where: Path) -> Iterator[None]:
+    """Turn a checkpoint that does not match the built learner into a one-line user error."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise FBAError(f"the checkpoint {str(where)!r} does not fit this config (was a structural key "
+                       f"overridden?): {str(error).splitlines()[0]}") from None
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from fba.build import build_datasets, build_learner, resolve_device
 from fba.config import dump_yaml, load_yaml, resolve_config
 from fba.distributed import barrier, device_for, distribute, setup_from_env
 from fba.errors import FBAError, NonFiniteLossError
-from fba.training.checkpoint import STATE, WEIGHTS, load_checkpoint, save_checkpoint
+from fba.training.checkpoint import STATE, WEIGHTS, checkpoint_must_fit, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
 
 
@@ -70,12 +70,9 @@ class Trainer:
         ckpt = run_dir / "checkpoints"
         if (ckpt / STATE).is_file():
             weights, state = load_checkpoint(ckpt)
-            try:
+            with checkpoint_must_fit(ckpt):
                 trainer.learner.load_weights(weights)
                 trainer.learner.load_training_state(state["learner"])
-            except (ValueError, RuntimeError, KeyError) as error:
-                raise FBAError(f"resume: the checkpoint in {str(ckpt)!r} does not fit this config "
-                               f"(was a structural key overridden?): {str(error).splitlines()[0]}") from None
             trainer.start_epoch = state["epoch"] + 1
             trainer.rows = state["rows"]
             trainer.peak_memory_bytes = state.get("peak_memory_bytes")
