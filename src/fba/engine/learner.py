@@ -147,6 +147,7 @@ class LocalLearner(nn.Module):
         per_module = self.step_mode == "per_module"
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        self.method.begin_step(inputs.detach(), targets)
         if self.bank is not None:
             self.bank.begin_step(indices)
             if self.bank.needs_lookahead:

@@ -37,8 +37,9 @@ class UnitModel:
         units: ordered backbone units; ``head(units[-1](...units[0](x)))`` equals ``plain(x)``.
         specs: one :class:`UnitSpec` per unit.
         head: maps the last unit's output to the task output.
-        make_stage_block: ``(stage, in_channels, out_channels) -> nn.Module``, a freshly
-            initialised stride-1 block with the architecture of that stage's last block.
+        make_stage_block: ``(stage, in_channels, out_channels, stride=1) -> nn.Module``, a
+            freshly initialised block with the architecture of that stage's last block
+            (stride 1 unless asked; an architecture without strided blocks may refuse stride > 1).
         make_head: ``(in_channels) -> nn.Module``, a fresh head of the task's own type.
     """
 
@@ -46,5 +47,5 @@ class UnitModel:
     units: list[nn.Module]
     specs: list[UnitSpec]
     head: nn.Module
-    make_stage_block: Callable[[int, int, int], nn.Module]
+    make_stage_block: Callable[..., nn.Module]
     make_head: Callable[[int], nn.Module]

@@ -85,6 +85,13 @@ class LocalMethod:
         """Called once before training; keeps what :meth:`local_loss` needs."""
         self.task = ctx.task
 
+    def begin_step(self, inputs: Tensor, targets: Any) -> None:
+        """Called at the start of every training step, before module 0 runs.
+
+        Methods whose local losses need the step's inputs (e.g. InfoPro's reconstruction of
+        the image) keep a detached reference here; the default keeps nothing.
+        """
+
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
         """Loss of module k (k < K-1) from its output ``h`` (attached to module k's graph)."""
         return self.task.loss(aux(h), targets)

@@ -75,13 +75,14 @@ def _basic_stage(in_channels: int, out_channels: int, blocks: int, stride: int) 
     return nn.Sequential(*layers)
 
 
-def make_stage_block(block_type: type, in_channels: int, out_channels: int) -> nn.Module:
-    """A fresh stride-1 block of ``block_type`` mapping in_channels -> out_channels."""
+def make_stage_block(block_type: type, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    """A fresh block of ``block_type`` mapping in_channels -> out_channels (1x1 projection if needed)."""
+    projection = _projection(in_channels, out_channels, stride)
     if block_type is tv_resnet.Bottleneck:
         if out_channels % tv_resnet.Bottleneck.expansion:
             raise ValueError(f"a Bottleneck needs out_channels divisible by 4, got {out_channels}")
-        return tv_resnet.Bottleneck(in_channels, out_channels // 4, 1, _projection(in_channels, out_channels, 1))
-    return tv_resnet.BasicBlock(in_channels, out_channels, 1, _projection(in_channels, out_channels, 1))
+        return tv_resnet.Bottleneck(in_channels, out_channels // 4, stride, projection)
+    return tv_resnet.BasicBlock(in_channels, out_channels, stride, projection)
 
 
 def _stage_blocks(layers: list[nn.Sequential], first_stride: int, channels_of: Callable[[nn.Module], int]):
@@ -103,8 +104,8 @@ def _unit_model(plain: nn.Module, stem: nn.Module, stem_spec: UnitSpec, layers: 
     units, specs, block_types = _stage_blocks(layers, stem_spec.downsample, channels_of)
     num_classes = fc.out_features
 
-    def stage_block(stage: int, in_channels: int, out_channels: int) -> nn.Module:
-        return make_stage_block(block_types[stage - 1], in_channels, out_channels)
+    def stage_block(stage: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+        return make_stage_block(block_types[stage - 1], in_channels, out_channels, stride)
 
     return UnitModel(
         plain=plain,
