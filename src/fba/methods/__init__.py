@@ -7,7 +7,7 @@ METHODS: Registry = Registry("method")
 
 def _register_builtin() -> None:
     # Imported here so that `import fba` stays light; each module registers itself.
-    from fba.methods import bp, bp_checkpoint, fba  # noqa: F401
+    from fba.methods import auglocal, bp, bp_checkpoint, dgl, fba, infopro, predsim  # noqa: F401
 
 
 def get_method(name: str):
