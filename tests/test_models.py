@@ -9,7 +9,7 @@ from fba.tasks.classification.models import MODELS
 HEAVY = {"resnet101", "resnet152", "resnet110"}
 
 
-@pytest.mark.parametrize("name", fba.list_models())
+@pytest.mark.parametrize("name", fba.list_models("classification"))
 def test_units_and_head_equal_plain_model(name):
     model = MODELS.get(name)(num_classes=7, in_channels=3)
     model.plain.eval()
@@ -22,7 +22,7 @@ def test_units_and_head_equal_plain_model(name):
     assert model.specs[-1].out_channels == model.plain.fc.in_features
 
 
-@pytest.mark.parametrize("name", [n for n in fba.list_models() if n not in HEAVY])
+@pytest.mark.parametrize("name", [n for n in fba.list_models("classification") if n not in HEAVY])
 def test_fba_one_module_per_unit_trains(name):
     n_units = len(MODELS.get(name)(num_classes=10).units)
     learner = fba.build_learner(model=name, method="fba", K=n_units, num_classes=10)

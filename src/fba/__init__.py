@@ -28,10 +28,12 @@ def build_learner(*args: Any, **kwargs: Any):
 build_learner.__doc__ = "Build a LocalLearner; see :func:`fba.build.build_learner`."
 
 
-def list_models() -> list[str]:
-    from fba.tasks.classification.models import MODELS
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names: every task's, or one task's (``classification``, ``super_resolution``)."""
+    from fba.build import model_registry
 
-    return MODELS.names()
+    tasks = [task] if task else ["classification", "super_resolution"]
+    return [name for t in tasks for name in model_registry(t).names()]
 
 
 def list_methods() -> list[str]:
@@ -40,10 +42,12 @@ def list_methods() -> list[str]:
     return _list()
 
 
-def list_datasets() -> list[str]:
-    from fba.tasks.classification.data import DATASETS
+def list_datasets(task: str | None = None) -> list[str]:
+    """Registered dataset names: every task's, or one task's."""
+    from fba.build import dataset_registry
 
-    return DATASETS.names()
+    tasks = [task] if task else ["classification", "super_resolution"]
+    return [name for t in tasks for name in dataset_registry(t).names()]
 
 
 def __getattr__(name: str) -> Any:

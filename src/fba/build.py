@@ -27,17 +27,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(name: str, num_classes: int, in_channels: int):
+def model_registry(task: str):
+    if task == "super_resolution":
+        from fba.tasks.super_resolution.models import SR_MODELS
+
+        return SR_MODELS
     from fba.tasks.classification.models import MODELS
 
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
+    return MODELS
 
 
-def build_task(name: str):
+def build_model(config: Mapping[str, Any], num_classes: int = 10, in_channels: int = 3):
+    """The task's model as units + head (classification: sized by classes; SR: by scale)."""
+    builder = model_registry(config["task"]).get(config["model"])
+    if config["task"] == "super_resolution":
+        return builder(scale=config["sr"]["scale"], in_channels=in_channels)
+    return builder(num_classes=num_classes, in_channels=in_channels)
+
+
+def build_task(config: Mapping[str, Any]):
+    if config["task"] == "super_resolution":
+        from fba.tasks.super_resolution.task import SuperResolutionTask
+
+        return SuperResolutionTask(scale=config["sr"]["scale"], y_channel=config["sr"]["y_channel"])
     from fba.tasks.classification.task import ClassificationTask
 
-    if name != "classification":
-        raise ConfigError(f"config key 'task': {name!r} is not available yet; choose classification")
     return ClassificationTask()
 
 
@@ -50,6 +64,14 @@ def build_method(config: Mapping[str, Any]):
         return cls(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
                    bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
                    bank_storage=bank["storage"], bank_dtype=bank["dtype"])
+    if cls.name == "predsim":
+        return cls(beta=config["predsim"]["beta"])
+    if cls.name == "infopro":
+        opts = config["infopro"]
+        return cls(mode=opts["mode"], weights_first=tuple(opts["weights_first"]), weights_last=tuple(opts["weights_last"]),
+                   temperature=opts["temperature"])
+    if cls.name == "auglocal":
+        return cls(depth=config["auglocal"]["depth"], tau=config["auglocal"]["tau"])
     return cls()
 
 
@@ -66,16 +88,19 @@ def optimizer_factory(optim: Mapping[str, Any]):
 
 
 def scheduler_factory(optim: Mapping[str, Any], total_steps: int | None, steps_per_epoch: int | None):
-    """Per-step LR: linear warm-up over ``warmup_epochs``, then cosine to zero (or constant)."""
+    """Per-step LR: linear warm-up over ``warmup_epochs``, then cosine to zero, constant, or step decay."""
     if not total_steps:
         return None
     warmup = int(round(optim["warmup_epochs"] * (steps_per_epoch or 0)))
-    cosine = optim["schedule"] == "cosine"
+    schedule = optim["schedule"]
+    decay_every = max(1, int(round(optim["decay_every_epochs"] * (steps_per_epoch or 1))))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if not cosine:
+        if schedule == "step":  # EDSR: multiply by decay_factor every decay_every_epochs
+            return optim["decay_factor"] ** (step // decay_every)
+        if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -110,12 +135,18 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     device = resolve_device(cfg["device"])
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'precision': fp16 needs CUDA (its grad scaler); use bf16 or fp32 on CPU")
-    task = build_task(cfg["task"])
+    task = build_task(cfg)
     method = build_method(cfg)
-    model = build_model(cfg["model"], num_classes or 10, in_channels or 3)
+    model = build_model(cfg, num_classes or 10, in_channels or 3)
+    if cfg["init_from"]:
+        from fba.training.checkpoint import init_from_checkpoint
+
+        init_from_checkpoint(model.plain, cfg["init_from"])
     K = 1 if method.end_to_end else cfg["K"]
     groups = partition_units(model.specs, K, cfg["partition"] if not method.end_to_end else "count",
                              None if method.end_to_end else cfg["cuts"])
+    if model.set_partition is not None:
+        model.set_partition(groups)
     ctx = BuildContext(model=model, groups=groups, task=task, num_samples=num_samples, extra={"device": device})
     try:
         aux_nets = method.build_aux_nets(ctx)
@@ -141,10 +172,28 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     return learner
 
 
-def build_datasets(cfg: Mapping[str, Any]):
+def dataset_registry(task: str):
+    if task == "super_resolution":
+        from fba.tasks.super_resolution.data import SR_DATASETS
+
+        return SR_DATASETS
     from fba.tasks.classification.data import DATASETS
 
+    return DATASETS
+
+
+def build_datasets(cfg: Mapping[str, Any]):
+    """``(train_set, test_set, info)`` for the config's task and ``data.name``."""
     data = cfg["data"]
+    if cfg["task"] == "super_resolution":
+        from fba.tasks.super_resolution.data import SR_DATASETS
+
+        sr = cfg["sr"]
+        return SR_DATASETS.get(data["name"])(root=data["root"], scale=sr["scale"], patch_size=sr["patch_size"],
+                                             augment=data["augment"], patches_per_epoch=sr["patches_per_epoch"],
+                                             eval_crop=sr["eval_crop"], download=data["download"])
+    from fba.tasks.classification.data import DATASETS
+
     builder = DATASETS.get(data["name"])
     return builder(root=data["root"], download=data["download"], augment=data["augment"],
                    per_class_train=data["per_class_train"], per_class_test=data["per_class_test"],

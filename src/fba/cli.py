@@ -1,4 +1,4 @@
-"""The ``fba`` command line: train, eval, bench, export, list.
+"""The ``fba`` command line: train, eval, bench, compare, export, list.
 
 User errors (bad config, unknown names, missing data, a diverging loss) print one line
 ``fba: error: ...`` on stderr and exit with status 2; no traceback.
@@ -66,7 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         teardown(trainer.dist, trainer.learner)
     if not trainer.dist.is_main:
         return 0
-    return _report(args, summary, f"done: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch, "
+    from fba.training.trainer import describe_metrics
+
+    return _report(args, summary, f"done: {describe_metrics(summary)}, {summary['seconds_per_epoch']:.1f} s/epoch, "
                                   f"run folder {summary['run_dir']}")
 
 
@@ -85,15 +87,23 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
     raise FBAError(f"{path!r} is neither a run folder with a checkpoint nor a .safetensors checkpoint")
 
 
-def _learner_from_run(path: str, overrides: list[str]):
+def _learner_from_run(path: str, overrides: list[str], need_data: bool = True):
     from fba.build import build_datasets, build_learner
     from fba.config import load_yaml, resolve_config
     from fba.training.checkpoint import checkpoint_must_fit, load_weights
 
     run_dir, weights = _run_dir_and_weights(path)
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
-    train_set, test_set, info = build_datasets(cfg)
-    learner = build_learner(cfg, num_classes=info.num_classes, in_channels=info.in_channels, num_samples=info.num_train)
+    cfg["init_from"] = None  # the checkpoint below holds every weight
+    if need_data or cfg["task"] != "super_resolution":
+        train_set, test_set, info = build_datasets(cfg)
+    else:  # super-resolving a folder of images needs no dataset
+        from fba.tasks.super_resolution.data import SRDataInfo
+
+        test_set, info = None, SRDataInfo(scale=cfg["sr"]["scale"], in_channels=3, num_train=0,
+                                          num_train_images=0, num_val_images=0)
+    learner = build_learner(cfg, num_classes=getattr(info, "num_classes", None), in_channels=info.in_channels,
+                            num_samples=info.num_train or None)
     with checkpoint_must_fit(weights):
         learner.load_weights(load_weights(weights))
     return cfg, learner, test_set, info
@@ -104,11 +114,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fba.build import resolve_device
 
-    cfg, learner, test_set, _ = _learner_from_run(args.run, args.overrides)
-    loader = DataLoader(test_set, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"])
-    metrics = learner.task.evaluate(learner, loader, resolve_device(cfg["device"]))
-    result = {"run": args.run, "dataset": cfg["data"]["name"], **metrics}
-    return _report(args, result, f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
+    cfg, learner, test_set, _ = _learner_from_run(args.run, args.overrides, need_data=args.images is None)
+    device = resolve_device(cfg["device"])
+    if cfg["task"] != "super_resolution":
+        if args.images or args.out:
+            from fba.errors import ConfigError
+
+            raise ConfigError("--images and --out are for super-resolution runs (they write super-resolved PNGs)")
+        loader = DataLoader(test_set, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"])
+        metrics = learner.task.evaluate(learner, loader, device)
+        result = {"run": args.run, "dataset": cfg["data"]["name"], **metrics}
+        return _report(args, result, f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
+    return _eval_super_resolution(args, cfg, learner, test_set, device)
+
+
+def _eval_super_resolution(args: argparse.Namespace, cfg: dict, learner, val_set, device) -> int:
+    """Metrics on the run's validation set, or super-resolved PNGs of a folder of LR images."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fba.tasks.super_resolution.data import read_image_folder, save_image
+    from fba.training.trainer import describe_metrics
+
+    run_dir = _run_dir_and_weights(args.run)[0]
+    model = learner.export().to(device)
+    if args.images:
+        out = Path(args.out or run_dir / "sr" / Path(args.images).resolve().name)
+        images = read_image_folder(args.images)
+        with torch.no_grad():
+            for name, lr in images:
+                save_image(model(lr[None].to(device))[0].clamp(0, 1), out / f"{name}.png")
+        result = {"run": args.run, "images": len(images), "out": str(out), "scale": cfg["sr"]["scale"]}
+        return _report(args, result, f"wrote {len(images)} x{cfg['sr']['scale']} super-resolved PNGs to {out}")
+    out = Path(args.out) if args.out else None
+    names = getattr(val_set, "names", None)
+
+    def save(index: int, sr) -> None:
+        save_image(sr, out / f"{names[index] if names else index}.png")
+
+    loader = DataLoader(val_set, batch_size=1, num_workers=cfg["data"]["num_workers"])
+    metrics = learner.task.evaluate(model, loader, device, on_output=save if out else None)
+    result = {"run": args.run, "dataset": cfg["data"]["name"], "scale": cfg["sr"]["scale"], **metrics,
+              **({"out": str(out)} if out else {})}
+    return _report(args, result, f"{cfg['data']['name']} x{cfg['sr']['scale']} validation: {describe_metrics(metrics)}"
+                                 + (f"; PNGs in {out}" if out else ""))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -119,7 +168,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _run_dir_and_weights(args.run)[0] / "export" / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"model": cfg["model"], "num_classes": str(info.num_classes), "in_channels": str(info.in_channels),
+    shape = {"scale": str(cfg["sr"]["scale"])} if cfg["task"] == "super_resolution" else {"num_classes": str(info.num_classes)}
+    meta = {"task": cfg["task"], "model": cfg["model"], **shape, "in_channels": str(info.in_channels),
             "class": f"{type(model).__module__}.{type(model).__qualname__}"}
     save_file(state, str(out), metadata=meta)
     result = {"path": str(out), "params": sum(v.numel() for v in model.parameters()), **meta}
@@ -141,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not methods:
         raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
     if any(not get_method(m).end_to_end for m in methods):  # fail before measuring anything
-        partition_units(build_model(cfg["model"], args.num_classes, args.in_channels).specs, cfg["K"],
+        partition_units(build_model(cfg, args.num_classes, args.in_channels).specs, cfg["K"],
                         cfg["partition"], cfg["cuts"])
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
     common = dict(batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
@@ -166,12 +216,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fba.bench.compare import COLUMNS, compare_methods, write_report
+    from fba.bench.report import text_table
+    from fba.config import resolve_config
+    from fba.errors import ConfigError
+    from fba.methods import get_method
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods lists a method twice: {args.methods}")
+    for method in methods:  # fail on a typo before hours of training, not after
+        get_method(method)
+    cfg = resolve_config(config_path, overrides)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out or Path(cfg["train"]["runs_dir"]) / "compare" / f"{stamp}-{cfg['data']['name']}-{cfg['model']}")
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
+    run_overrides = [*overrides, f"train.runs_dir={out_dir / 'runs'}", "train.name=null"]
+    rows = compare_methods(config_path, methods, run_overrides, log=log)
+    title = (f"{cfg['model']} K={cfg['K']} on {cfg['data']['name']}: {cfg['train']['epochs']} epochs, "
+             f"batch {cfg['data']['batch_size']}, seed {cfg['seed']}")
+    files = write_report(rows, out_dir, title)
+    if args.json:
+        _print_json({"rows": rows, "files": [str(f) for f in files]})
+    else:
+        metric = rows[0]["metric_name"]
+        print(text_table([{**r, metric: r["metric"]} for r in rows], [c if c != "metric" else metric for c in COLUMNS]))
+        print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from fba.methods import list_methods
     from fba.tasks.classification.data import DATASETS
     from fba.tasks.classification.models import MODELS
+    from fba.tasks.super_resolution.data import SR_DATASETS
+    from fba.tasks.super_resolution.models import SR_MODELS
 
-    listing = {"models": MODELS.names(), "methods": list_methods(), "datasets": DATASETS.names()}
+    listing = {"models": MODELS.names() + SR_MODELS.names(), "methods": list_methods(),
+               "datasets": DATASETS.names() + SR_DATASETS.names()}
     if args.what:
         listing = {args.what: listing[args.what]}
     for kind, names in listing.items():
@@ -181,7 +267,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fba", description="Supervised local learning with Feature Bank Augmented auxiliary networks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,export,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,compare,export,list}")
 
     p = sub.add_parser("train", help="train a model (no argument: FBA, ResNet-32, K=16 on the built-in digits)",
                        description="Train. ITEMS: an optional CONFIG.yaml, then key=value overrides with dotted keys "
@@ -190,9 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test split")
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test split (or super-resolve a folder)")
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT.safetensors")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... device=cpu")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="super-resolution: upscale every image in FOLDER and write PNGs (no metrics)")
+    p.add_argument("--out", default=None, metavar="FOLDER",
+                   help="super-resolution: where to write PNGs (default with --images: RUN_DIR/sr/<FOLDER name>; "
+                        "without --images, also writes the validation images' outputs)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -211,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="train several methods with one budget and tabulate accuracy, time and memory",
+                       description="Train each method with the same config (dataset, model, K, epochs, batch, seed) "
+                                   "and write one row per method: accuracy, seconds per epoch, peak training memory "
+                                   "and the ratios to bp (paper Table 1). ITEMS: an optional CONFIG.yaml, then "
+                                   "key=value overrides.")
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value")
+    p.add_argument("--methods", default="bp,bp_checkpoint,fba,dgl,predsim,infopro,auglocal",
+                   help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/compare/<time>-<data>-<model>)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write the plain inference model (backbone + head) as safetensors")
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT.safetensors")

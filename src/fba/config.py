@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "precision": "fp32",
     "resume": None,
+    "init_from": None,
     "data": {
         "name": "digits",
         "root": "./data",
@@ -48,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1e-4,
         "schedule": "cosine",
         "warmup_epochs": 1.0,
+        "decay_every_epochs": 200,
+        "decay_factor": 0.5,
         "step": "auto",
     },
     "train": {
@@ -58,6 +61,17 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
         "measure_memory": True,
     },
+    "sr": {
+        "scale": 2,
+        "patch_size": 48,
+        "patches_per_epoch": 1600,
+        "eval_crop": None,
+        "y_channel": True,
+    },
+    # Baselines (paper Table 1); docs/methods.md gives each value's source.
+    "predsim": {"beta": 0.99},
+    "infopro": {"mode": "contrast", "weights_first": [5.0, 0.05], "weights_last": [0.2, 0.5], "temperature": 0.07},
+    "auglocal": {"depth": 2, "tau": 0.5},
     "fba": {
         "reduction": 1,
         "share_head": False,
@@ -70,6 +84,25 @@ DEFAULTS: dict[str, Any] = {
             "storage": "cpu",
             "dtype": "float16",
         },
+    },
+}
+
+
+# What changes when a config names another task: a user who writes only
+# ``task=super_resolution`` gets a complete, sensible run (EDSR baseline x2, FBA, photos-sr).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {},
+    "super_resolution": {
+        "model": "edsr_baseline",
+        "K": 6,
+        "data": {"name": "photos-sr", "batch_size": 16, "eval_batch_size": 1, "augment": True},
+        # EDSR's recipe is Adam at 1e-4, halved every 200 epochs of 1,000 steps; the built-in
+        # run is short, so it uses a higher rate with a cosine decay.
+        "optim": {"name": "adam", "lr": 5e-4, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0},
+        "train": {"epochs": 10},
+        "sr": {"eval_crop": 256},
+        # The SR bank is the early full-resolution map of the current batch (paper Fig. 4).
+        "fba": {"bank": {"source": "inpass", "usage": "input"}},
     },
 }
 
@@ -121,6 +154,15 @@ def _cuts(value: Any) -> str | None:
     return None if ok else "a list of integer unit indices or null"
 
 
+def _weight_pair(value: Any) -> str | None:
+    ok = isinstance(value, list) and len(value) == 2 and all(_finite(v) and v >= 0 for v in value)
+    return None if ok else "a list of two non-negative numbers [reconstruction, task]"
+
+
+def _unit_interval(value: Any) -> str | None:
+    return None if _finite(value) and 0 <= value <= 1 else "a number in [0, 1]"
+
+
 def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "true or false"
 
@@ -130,7 +172,7 @@ def _str(value: Any) -> str | None:
 
 
 RULES: dict[str, Any] = {
-    "task": ("classification",),
+    "task": tuple(TASK_DEFAULTS),
     "model": _str,
     "method": _str,
     "K": _int,  # the partitioner names the valid range for this backbone
@@ -140,6 +182,7 @@ RULES: dict[str, Any] = {
     "device": _device,
     "precision": ("fp32", "bf16", "fp16"),
     "resume": _optional_str,
+    "init_from": _optional_str,
     "data.name": _str,
     "data.root": _str,
     "data.download": _bool,
@@ -155,8 +198,10 @@ RULES: dict[str, Any] = {
     "optim.momentum": _non_negative_number,
     "optim.nesterov": _bool,
     "optim.weight_decay": _non_negative_number,
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "step"),
     "optim.warmup_epochs": _non_negative_number,
+    "optim.decay_every_epochs": _positive_number,
+    "optim.decay_factor": _positive_number,
     "optim.step": ("auto", "global", "per_module"),
     "train.epochs": _positive_int,
     "train.eval_every": _positive_int,
@@ -164,6 +209,18 @@ RULES: dict[str, Any] = {
     "train.name": _optional_str,
     "train.progress": _bool,
     "train.measure_memory": _bool,
+    "predsim.beta": _unit_interval,
+    "infopro.mode": ("contrast", "ce"),
+    "infopro.weights_first": _weight_pair,
+    "infopro.weights_last": _weight_pair,
+    "infopro.temperature": _positive_number,
+    "auglocal.depth": _positive_int,
+    "auglocal.tau": _unit_interval,
+    "sr.scale": (2, 3, 4),
+    "sr.patch_size": _positive_int,
+    "sr.patches_per_epoch": _positive_int,
+    "sr.eval_crop": lambda v: None if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0) else "a positive integer or null",
+    "sr.y_channel": _bool,
     "fba.reduction": _positive_int,
     "fba.share_head": _bool,
     "fba.bank.source": ("none", "inpass", "longterm", "lookahead"),
@@ -299,14 +356,16 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(source: str | Path | Mapping[str, Any] | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML file or dict <- overrides, validated."""
+    """Defaults <- the task's defaults <- YAML file or dict <- overrides, validated."""
     config = default_config()
     if isinstance(source, (str, Path)):
         source = load_yaml(source)
-    for key, value in flatten(source or {}).items():
+    source_items = list(flatten(source or {}).items())
+    override_items = list(overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides or []))
+    task = next((value for key, value in reversed(source_items + override_items) if key == "task"), config["task"])
+    for key, value in flatten(TASK_DEFAULTS.get(task, {})).items():
         set_dotted(config, key, value)
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides or [])
-    for key, value in items:
+    for key, value in source_items + override_items:
         set_dotted(config, key, value)
     return validate(config)
 

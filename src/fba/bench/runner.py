@@ -12,13 +12,19 @@ from fba.bench.memory import peak_memory
 from fba.build import build_learner, resolve_device
 
 
-def _synthetic_batch(batch_size: int, in_channels: int, input_size: int, num_classes: int, num_samples: int,
-                     device: torch.device, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+def _synthetic_batch(cfg: Mapping[str, Any], batch_size: int, in_channels: int, input_size: int, num_classes: int,
+                     num_samples: int, device: torch.device):
+    """Random inputs and targets of the task's shapes: images + labels, or LR + HR patches."""
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    if cfg["task"] == "super_resolution":
+        high = input_size * cfg["sr"]["scale"]
+        images = torch.rand(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
+        targets = torch.rand(batch_size, in_channels, high, high, generator=generator).to(device)
+    else:
+        images = torch.randn(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
+        targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
     indices = torch.randperm(num_samples, generator=generator)[:batch_size]
-    return images, labels, indices
+    return images, targets, indices
 
 
 def _learner(cfg: Mapping[str, Any], method: str, num_classes: int, in_channels: int, num_samples: int):
@@ -40,7 +46,7 @@ def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: i
     for method in methods:
         progress(f"memory: {method} ...")
         learner = _learner(cfg, method, num_classes, in_channels, num_samples)
-        images, labels, indices = _synthetic_batch(batch_size, in_channels, input_size, num_classes, num_samples, device, cfg["seed"])
+        images, labels, indices = _synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes, num_samples, device)
         bank = learner.bank
         categories = {
             "params": lambda: [*learner.parameters(), *learner.buffers()],
@@ -72,7 +78,7 @@ def measure_time(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int
     for method in methods:
         progress(f"time: {method} ...")
         learner = _learner(cfg, method, num_classes, in_channels, num_samples)
-        images, labels, indices = _synthetic_batch(batch_size, in_channels, input_size, num_classes, num_samples, device, cfg["seed"])
+        images, labels, indices = _synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes, num_samples, device)
         for _ in range(warmup):
             learner.train_step(images, labels, indices)
         times = []

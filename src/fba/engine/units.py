@@ -41,6 +41,8 @@ class UnitModel:
             freshly initialised block with the architecture of that stage's last block
             (stride 1 unless asked; an architecture without strided blocks may refuse stride > 1).
         make_head: ``(in_channels) -> nn.Module``, a fresh head of the task's own type.
+        set_partition: called once with the K groups of unit indices, for models whose
+            units share state across unit boundaries (EDSR's global skip).
     """
 
     plain: nn.Module
@@ -49,3 +51,4 @@ class UnitModel:
     head: nn.Module
     make_stage_block: Callable[..., nn.Module]
     make_head: Callable[[int], nn.Module]
+    set_partition: Callable[[list[list[int]]], None] | None = None

@@ -103,11 +103,17 @@ class FBA(LocalMethod):
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
         if self.bank_source == "none" or ctx.K == 1:
             return None
+        if ctx.task.name == "super_resolution":
+            from fba.tasks.super_resolution.local import EarlyMapBank
+
+            return EarlyMapBank(ctx.model.early_map)  # type: ignore[return-value]
         return FeatureBank(self.bank_source, ctx.module_channels, ctx.module_stages, ctx.task.summarize, num_samples=ctx.num_samples,
                            storage_device=self.bank_storage if self.bank_storage == "cpu" else ctx.extra.get("device", "cpu"),
                            storage_dtype=self.bank_dtype)
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
+        if ctx.task.name == "super_resolution":
+            return self._build_sr_aux_nets(ctx)
         module_channels, module_stages = ctx.module_channels, ctx.module_stages
         head_channels = ctx.model.specs[-1].out_channels
         nets = []
@@ -128,6 +134,31 @@ class FBA(LocalMethod):
             else:
                 head, adapter = ctx.model.make_head(channels), None
             nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter, ctx.task.summarize))
+        return nets
+
+    def _build_sr_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
+        """SLMs for SR (paper Fig. 4): fresh ResBlock + early map from the bank + reconstruction tail."""
+        from fba.tasks.super_resolution.local import SRLocalModule
+
+        if self.bank_source not in ("none", "inpass") or (self.bank_source == "inpass" and self.bank_usage != "input"):
+            raise ValueError("the super-resolution bank is the early full-resolution map of the current batch, "
+                             "fused as input: use fba.bank.source=inpass (or none) with fba.bank.usage=input")
+        features = ctx.model.specs[-1].out_channels
+        early_channels = ctx.model.specs[0].out_channels
+        nets = []
+        for k in range(ctx.K - 1):
+            spec = ctx.last_spec(k)
+            channels = max(1, spec.out_channels // self.reduction)
+            block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, spec.out_channels)
+            if channels != spec.out_channels:  # channel-reduced SLM: narrow the block's output with a 1x1 conv
+                block = nn.Sequential(block, nn.Conv2d(spec.out_channels, channels, 1))
+            early_proj = nn.Conv2d(early_channels, channels, 1) if self.bank_source != "none" and channels != early_channels else None
+            if self.share_head:
+                tail = ctx.model.head
+                adapter = nn.Conv2d(channels, features, 1) if channels != features else None
+            else:
+                tail, adapter = ctx.model.make_head(channels), None
+            nets.append(SRLocalModule(block, tail, adapter, early_proj))
         return nets
 
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:

@@ -86,3 +86,37 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling fails in many ways on a damaged file
         raise DataError(f"training state {str(path)!r} is corrupt or not a training state: {error}") from None
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Initialise ``model`` from another run's weights, e.g. EDSR x3/x4 from a trained x2.
+
+    ``path`` is a run folder, a training checkpoint (``model.*`` keys) or an exported model.
+    Every weight transfers except those under the model's ``scale_specific`` prefixes (the
+    upsampler), which keep their fresh initialisation. Returns the names left fresh.
+    """
+    import sys
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / WEIGHTS
+    if not path.is_file():
+        raise DataError(f"init_from: {str(path)!r} not found (give a run folder or a .safetensors file)")
+    weights = load_weights(path)
+    if any(k.startswith("model.") for k in weights):
+        weights = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    skip = tuple(getattr(model, "scale_specific", ()))
+    own = model.state_dict()
+    fresh = sorted(k for k in own if k.startswith(skip))
+    for name, tensor in own.items():
+        if name in fresh:
+            continue
+        if name not in weights:
+            raise DataError(f"init_from: {str(path)!r} has no weight {name!r}; it was trained with another model")
+        if weights[name].shape != tensor.shape:
+            raise DataError(f"init_from: weight {name!r} has shape {tuple(weights[name].shape)} in {str(path)!r}, "
+                            f"this model needs {tuple(tensor.shape)}")
+    model.load_state_dict({k: weights[k] for k in own if k not in fresh}, strict=False)
+    print(f"initialised {len(own) - len(fresh)} tensors from {path}; {len(fresh)} left fresh "
+          f"({', '.join(sorted({k.rsplit('.', 2)[0] for k in fresh})) or 'none'})", file=sys.stderr)
+    return fresh

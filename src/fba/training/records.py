@@ -62,8 +62,14 @@ class RunRecords:
         ax_loss.plot(epochs, [r.get("test_loss") for r in self.rows], marker="o", label="test")
         ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
         ax_loss.legend()
-        ax_acc.plot(epochs, [r.get("top1") for r in self.rows], marker="o", color="tab:green")
-        ax_acc.set(xlabel="epoch", ylabel="top-1", title="test top-1", ylim=(0, 1))
+        if any("psnr" in r for r in self.rows):  # super-resolution: PSNR beside the bicubic baseline
+            ax_acc.plot(epochs, [r.get("psnr") for r in self.rows], marker="o", color="tab:green", label="model")
+            ax_acc.plot(epochs, [r.get("psnr_bicubic") for r in self.rows], ls="--", color="tab:gray", label="bicubic")
+            ax_acc.set(xlabel="epoch", ylabel="PSNR (dB)", title="validation PSNR")
+            ax_acc.legend()
+        else:
+            ax_acc.plot(epochs, [r.get("top1") for r in self.rows], marker="o", color="tab:green")
+            ax_acc.set(xlabel="epoch", ylabel="top-1", title="test top-1", ylim=(0, 1))
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
         fig.tight_layout()

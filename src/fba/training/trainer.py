@@ -21,6 +21,14 @@ from fba.training.checkpoint import STATE, WEIGHTS, checkpoint_must_fit, load_ch
 from fba.training.records import RunRecords
 
 
+def describe_metrics(metrics: Mapping[str, Any]) -> str:
+    """One human phrase for a task's evaluation metrics."""
+    if "psnr" in metrics:
+        return (f"PSNR {metrics['psnr']:.2f} dB (bicubic {metrics['psnr_bicubic']:.2f}), "
+                f"SSIM {metrics['ssim']:.4f}")
+    return f"test top-1 {metrics['top1']:.4f}"
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Each epoch's shuffling and augmentation depend only on (seed, epoch), so a run resumed
     # at an epoch boundary draws exactly the random numbers the uninterrupted run would.
@@ -42,6 +50,9 @@ class Trainer:
         self.device = device_for(self.dist, resolve_device(self.cfg["device"]))
         self.cfg["device"] = str(self.device) if self.dist.enabled else self.cfg["device"]
         self.train_set, self.test_set, self.info = build_datasets(self.cfg)
+        if self.train_set is None:
+            raise FBAError(f"dataset {self.cfg['data']['name']!r} has no training split (it is for evaluation): "
+                           "train on another dataset, then run fba eval RUN_DIR data.name=...")
         data = self.cfg["data"]
         self.batch_size = data["batch_size"]
         global_batch = self.batch_size * self.dist.world_size
@@ -49,7 +60,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // global_batch if drop_last else 1
         self.drop_last = drop_last
         self.learner = build_learner(
-            self.cfg, num_classes=self.info.num_classes, in_channels=self.info.in_channels,
+            self.cfg, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
             num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
             steps_per_epoch=self.steps_per_epoch)
         if self.dist.enabled:
@@ -102,7 +113,7 @@ class Trainer:
             sampler.set_epoch(epoch)
         return DataLoader(
             self.train_set if train else self.test_set,
-            batch_size=self.batch_size if train else data["eval_batch_size"],
+            batch_size=self.batch_size if train else (1 if self.learner.task.variable_size_eval else data["eval_batch_size"]),
             shuffle=train and sampler is None, sampler=sampler, drop_last=train and self.drop_last, generator=generator,
             num_workers=data["num_workers"], pin_memory=self.device.type == "cuda",
             persistent_workers=False)
@@ -129,8 +140,8 @@ class Trainer:
                 row = self._train_epoch(epoch, records)
                 if main and (epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs):
                     metrics = self.learner.task.evaluate(self.learner, self.loader(False), self.device)
-                    row.update(top1=metrics["top1"], test_loss=metrics["loss"])
-                    self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, test top-1 {metrics['top1']:.4f}, {row['seconds']:.1f}s")
+                    row.update({k: v for k, v in metrics.items() if k != "loss"}, test_loss=metrics["loss"])
+                    self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, {describe_metrics(metrics)}, {row['seconds']:.1f}s")
                 records.add_epoch(row)
                 if main:
                     self._checkpoint(epoch, records.rows)
@@ -158,7 +169,7 @@ class Trainer:
         start = time.perf_counter()
         batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
                        disable=not (self.cfg["train"]["progress"] and self.dist.is_main), file=sys.stderr)
-        for images, labels, indices in batches:
+        for images, labels, indices in batches:  # (lr, hr, index) for super-resolution
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"] and not cuda_peak:
@@ -196,10 +207,14 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         timed = [r["seconds"] for r in self.rows]
-        top1 = next((r["top1"] for r in reversed(self.rows) if "top1" in r), None)
+        evaluated = next((r for r in reversed(self.rows) if "test_loss" in r), {})
+        metrics = {k: v for k, v in evaluated.items() if k not in ("epoch", "train_loss", "lr", "seconds")}
+        if self.learner.task.name == "classification":
+            metrics.setdefault("top1", None)
         return {
             "run_dir": str(self.run_dir),
-            "top1": top1,
+            "task": self.cfg["task"],
+            **metrics,
             "peak_memory_bytes": self.peak_memory_bytes,
             "seconds_per_epoch": statistics.fmean(timed) if timed else None,
             "world_size": self.dist.world_size,

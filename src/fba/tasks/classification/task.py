@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 class ClassificationTask:
     name = "classification"
+    primary_metric = "top1"
+    variable_size_eval = False
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """logits: (N, num_classes) float; labels: (N,) int64 -> scalar cross-entropy."""
