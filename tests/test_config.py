@@ -27,6 +27,12 @@ def test_dotted_overrides_and_yaml(tmp_path):
     ("train.epochs=2.5", "'train.epochs': expected a positive integer, got 2.5"),
     ("data=3", "'data' is a section"),
     ("noequals", "not of the form key=value"),
+    ("predsim.beta=1.5", "'predsim.beta': expected a number in [0, 1], got 1.5"),
+    ("infopro.weights_first=[1]", "'infopro.weights_first': expected a list of two non-negative numbers"),
+    ("infopro.mode=simclr", "'infopro.mode': 'simclr' is not one of contrast, ce"),
+    ("auglocal.depth=0", "'auglocal.depth': expected a positive integer, got 0"),
+    ("sr.scale=8", "'sr.scale': 8 is not one of 2, 3, 4"),
+    ("task=detection", "'task': 'detection' is not one of classification, super_resolution"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
@@ -60,3 +66,15 @@ def test_parse_override_types():
     assert parse_override("fba.share_head=true") == ("fba.share_head", True)
     assert parse_override("cuts=[2, 5]") == ("cuts", [2, 5])
     assert parse_override("train.name=null") == ("train.name", None)
+
+
+def test_task_defaults_give_a_complete_super_resolution_run(tmp_path):
+    cfg = resolve_config(None, ["task=super_resolution"])
+    assert (cfg["model"], cfg["data"]["name"], cfg["method"], cfg["sr"]["scale"]) == ("edsr_baseline", "photos-sr", "fba", 2)
+    assert cfg["optim"]["name"] == "adam" and cfg["fba"]["bank"]["source"] == "inpass"
+    # The task's defaults sit under the file and the overrides, which still win.
+    path = tmp_path / "sr.yaml"
+    path.write_text("task: super_resolution\nK: 9\noptim: {lr: 1.0e-4}\n")
+    cfg = resolve_config(path, ["sr.scale=4"])
+    assert (cfg["K"], cfg["optim"]["lr"], cfg["sr"]["scale"], cfg["optim"]["name"]) == (9, 1e-4, 4, "adam")
+    assert resolve_config()["model"] == "resnet32"  # classification defaults are untouched

@@ -29,6 +29,8 @@ def train_variants(base: str | Mapping[str, Any] | None, variants: Mapping[str, 
                "wall_seconds": time.perf_counter() - start}
         if trainer.learner.bank is not None:
             row["bank_bytes"] = trainer.learner.bank.nbytes()
-        log(f"[{name}] top-1 {row['top1']:.4f}, {row['seconds_per_epoch']:.1f} s/epoch")
+        from fba.training.trainer import describe_metrics
+
+        log(f"[{name}] {describe_metrics(row)}, {row['seconds_per_epoch']:.1f} s/epoch")
         rows.append(row)
     return rows
