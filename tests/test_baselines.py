@@ -261,3 +261,18 @@ def test_auglocal_depth_one_has_batchnorm_and_bottlenecks_are_rebuilt():
     assert all(isinstance(b, BasicBlock) for a in AugLocal().build_aux_nets(_context("resnet18", K=4)) for b in a.blocks)
     with pytest.raises(ValueError):
         AugLocal(depth=0)
+
+
+@pytest.mark.parametrize("method", ["dgl", "predsim", "infopro", "auglocal"])
+def test_every_baseline_trains_resnet32_K16_from_the_cli(method, tmp_path, capsys):
+    import json
+
+    from fba.cli import main
+
+    code = main(["train", f"method={method}", "model=resnet32", "K=16", "train.epochs=1", "train.progress=false",
+                 "data.per_class_train=8", "data.per_class_test=4", "data.batch_size=40",
+                 f"train.runs_dir={tmp_path}", "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["method"] == method and summary["K"] == 16
+    rows = json.loads((tmp_path / next(tmp_path.iterdir()) / "metrics.json").read_text())
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and 0 <= summary["top1"] <= 1

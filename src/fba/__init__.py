@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["build_learner", "list_models", "list_methods", "list_datasets", "bench", "FBAError", "__version__"]
+__all__ = ["build_learner", "list_models", "list_methods", "list_datasets", "bench", "metrics", "FBAError", "__version__"]
 
 from fba.errors import FBAError
 
@@ -51,8 +51,8 @@ def list_datasets(task: str | None = None) -> list[str]:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "bench":
+    if name in ("bench", "metrics"):
         import importlib
 
-        return importlib.import_module("fba.bench")
+        return importlib.import_module(f"fba.{name}")
     raise AttributeError(f"module 'fba' has no attribute {name!r}")

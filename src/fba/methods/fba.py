@@ -150,15 +150,16 @@ class FBA(LocalMethod):
             spec = ctx.last_spec(k)
             channels = max(1, spec.out_channels // self.reduction)
             block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, spec.out_channels)
-            if channels != spec.out_channels:  # channel-reduced SLM: narrow the block's output with a 1x1 conv
-                block = nn.Sequential(block, nn.Conv2d(spec.out_channels, channels, 1))
+            # Channel reduction narrows what the SLM's tail upsamples: its full-resolution maps
+            # are the SLM's largest tensors, so they set its memory.
+            narrow = nn.Conv2d(spec.out_channels, channels, 1) if channels != spec.out_channels else None
             early_proj = nn.Conv2d(early_channels, channels, 1) if self.bank_source != "none" and channels != early_channels else None
             if self.share_head:
                 tail = ctx.model.head
                 adapter = nn.Conv2d(channels, features, 1) if channels != features else None
             else:
                 tail, adapter = ctx.model.make_head(channels), None
-            nets.append(SRLocalModule(block, tail, adapter, early_proj))
+            nets.append(SRLocalModule(block, tail, narrow=narrow, adapter=adapter, early_proj=early_proj))
         return nets
 
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:

@@ -18,23 +18,29 @@ from fba.tasks.super_resolution.models import EarlyMap
 class SRLocalModule(nn.Module):
     """``forward(h, early=None) -> (sr, None)``: ``(N, F, h, w) -> (N, 3, h*s, w*s)``.
 
+    ``tail(adapter(narrow(block(h)) + early_proj(early)))``, each optional part skipped when None.
+
     Args:
         block: a fresh ResBlock on the module's features.
         tail: a reconstruction tail (fresh, or the main network's when shared).
-        adapter: 1x1 conv to the tail's width when the block is channel-reduced.
-        early_proj: 1x1 conv from the early map's width to the block's when they differ.
+        narrow: 1x1 conv to the SLM's reduced width (``fba.reduction``).
+        adapter: 1x1 conv from the reduced width to a shared tail's width.
+        early_proj: 1x1 conv from the early map's width to the SLM's when they differ.
     """
 
-    def __init__(self, block: nn.Module, tail: nn.Module, adapter: nn.Module | None = None,
-                 early_proj: nn.Module | None = None) -> None:
+    def __init__(self, block: nn.Module, tail: nn.Module, narrow: nn.Module | None = None,
+                 adapter: nn.Module | None = None, early_proj: nn.Module | None = None) -> None:
         super().__init__()
         self.block = block
+        self.narrow = narrow
         self.early_proj = early_proj
         self.adapter = adapter
         self.tail = tail
 
     def forward(self, h: Tensor, early: Tensor | None = None) -> tuple[Tensor, None]:
         z = self.block(h)
+        if self.narrow is not None:
+            z = self.narrow(z)
         if early is not None:
             # The main network's global skip, rebuilt with the bank's detached copy: the tail sees
             # the fine detail of the early map, so this module need only learn the residual.
