@@ -250,18 +250,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from fba.methods import list_methods
-    from fba.tasks.classification.data import DATASETS
-    from fba.tasks.classification.models import MODELS
-    from fba.tasks.super_resolution.data import SR_DATASETS
-    from fba.tasks.super_resolution.models import SR_MODELS
+    import fba
 
-    listing = {"models": MODELS.names() + SR_MODELS.names(), "methods": list_methods(),
-               "datasets": DATASETS.names() + SR_DATASETS.names()}
-    if args.what:
-        listing = {args.what: listing[args.what]}
-    for kind, names in listing.items():
-        print(f"{kind}: {', '.join(names)}")
+    tasks = ("classification", "super_resolution")
+    listing = {
+        "models": {task: fba.list_models(task) for task in tasks},
+        "methods": {"": fba.list_methods()},
+        "datasets": {task: fba.list_datasets(task) for task in tasks},
+    }
+    for kind, groups in listing.items():
+        if args.what in (None, kind):
+            for group, names in groups.items():
+                print(f"{kind}{f' ({group})' if group else ''}: {', '.join(names)}")
     return 0
 
 
