@@ -9,7 +9,7 @@ import torchvision
 import fba
 from fba.bench import peak_memory
 
-from conftest import tiny_batch
+from conftest import assert_perturbing_aux_changes_only_its_module, tiny_batch
 
 NO_MOMENTUM = {"optim": {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False}}
 
@@ -22,25 +22,9 @@ def _params(module):
 @pytest.mark.parametrize("source", ["inpass", "longterm", "lookahead", "none"])
 def test_perturbing_aux_j_changes_only_module_j(step, source):
     x, y = tiny_batch()
-    idx = torch.arange(len(y))
     kwargs = dict(model="resnet8", method="fba", K=4, num_classes=10, num_samples=32,
                   **{"optim.step": step, "fba.bank.source": source})
-    a = fba.build_learner(**kwargs)
-    b = fba.build_learner(**kwargs)
-    b.load_state_dict(a.state_dict())
-    j = 1
-    with torch.no_grad():
-        for p in b.aux_nets[j].parameters():
-            p.add_(torch.randn_like(p))
-    a.train_step(x, y, idx)
-    b.train_step(x, y, idx)
-    for k in range(a.K):
-        same = all(torch.equal(p, q) for p, q in zip(a.local_modules[k].parameters(), b.local_modules[k].parameters()))
-        assert same == (k != j), f"module {k}: perturbing aux {j} {'changed' if not same else 'did not change'} it"
-    for k in range(a.K - 1):
-        if k != j:
-            assert all(torch.equal(p, q) for p, q in zip(a.aux_nets[k].parameters(), b.aux_nets[k].parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(a.head.parameters(), b.head.parameters()))
+    assert_perturbing_aux_changes_only_its_module(lambda: fba.build_learner(**kwargs), (x, y, torch.arange(len(y))))
 
 
 def test_each_local_loss_reaches_only_its_module_and_aux():

@@ -185,16 +185,11 @@ def dataset_registry(task: str):
 def build_datasets(cfg: Mapping[str, Any]):
     """``(train_set, test_set, info)`` for the config's task and ``data.name``."""
     data = cfg["data"]
+    builder = dataset_registry(cfg["task"]).get(data["name"])
     if cfg["task"] == "super_resolution":
-        from fba.tasks.super_resolution.data import SR_DATASETS
-
         sr = cfg["sr"]
-        return SR_DATASETS.get(data["name"])(root=data["root"], scale=sr["scale"], patch_size=sr["patch_size"],
-                                             augment=data["augment"], patches_per_epoch=sr["patches_per_epoch"],
-                                             eval_crop=sr["eval_crop"], download=data["download"])
-    from fba.tasks.classification.data import DATASETS
-
-    builder = DATASETS.get(data["name"])
+        return builder(root=data["root"], scale=sr["scale"], patch_size=sr["patch_size"], augment=data["augment"],
+                       patches_per_epoch=sr["patches_per_epoch"], eval_crop=sr["eval_crop"], download=data["download"])
     return builder(root=data["root"], download=data["download"], augment=data["augment"],
                    per_class_train=data["per_class_train"], per_class_test=data["per_class_test"],
                    image_size=data["image_size"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fba.bench.report import MiB, write_tables
+from fba.bench.report import MiB, save_figure, write_tables
 
 COLUMNS = ["method", "K", "metric", "seconds_per_epoch", "peak_memory_bytes", "memory_ratio_to_bp", "time_ratio_to_bp"]
 
@@ -72,8 +72,4 @@ def accuracy_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(label)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -54,6 +54,17 @@ def write_tables(rows: Sequence[dict[str, Any]], columns: Sequence[str], out_dir
     return [csv_path, md_path]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def memory_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Stacked bars of the peak-memory breakdown, one bar per method."""
     import matplotlib
@@ -77,11 +88,7 @@ def memory_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path
     ax.set_title(title, fontsize=9)
     ax.set_ylim(0, max(bottom) * 1.25 if bottom and max(bottom) > 0 else 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def time_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -94,8 +101,4 @@ def time_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     ax.bar([r["method"] for r in rows], [r["seconds_per_step"] * 1000 for r in rows], color="tab:orange")
     ax.set_ylabel("median ms per training step")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -186,7 +186,8 @@ class LocalLearner(nn.Module):
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module], world_size: int) -> None:
         """Wrap every local unit (e.g. in DDP) so that each averages its own gradients."""
-        if any(aux.head is self.head for aux in self.aux_nets if hasattr(aux, "head")):
+        shares_head = any(self.head in (getattr(aux, "head", None), getattr(aux, "tail", None)) for aux in self.aux_nets)
+        if shares_head:
             raise ValueError("a head shared by several local units cannot be averaged per unit; "
                              "use fba.share_head=false with more than one process")
         self.units = [wrap(unit) for unit in self.units]
