@@ -32,6 +32,16 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return config, overrides
 
 
+def _methods_arg(text: str) -> list[str]:
+    """``--methods bp,fba`` -> ``["bp", "fba"]``; at least one name."""
+    from fba.errors import ConfigError
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
+    return methods
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str))
 
@@ -182,14 +192,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_config_and_overrides(args.items)
     cfg = resolve_config(config_path, overrides)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _methods_arg(args.methods)
     from fba.build import build_model
     from fba.engine.partition import partition_units
-    from fba.errors import ConfigError
     from fba.methods import get_method
 
-    if not methods:
-        raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
     if any(not get_method(m).end_to_end for m in methods):  # fail before measuring anything
         partition_units(build_model(cfg, args.num_classes, args.in_channels).specs, cfg["K"],
                         cfg["partition"], cfg["cuts"])
@@ -217,16 +224,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fba.bench.compare import COLUMNS, compare_methods, write_report
+    from fba.bench.compare import compare_methods, metric_table, write_report
     from fba.bench.report import text_table
     from fba.config import resolve_config
     from fba.errors import ConfigError
     from fba.methods import get_method
 
     config_path, overrides = _split_config_and_overrides(args.items)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
+    methods = _methods_arg(args.methods)
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {args.methods}")
     for method in methods:  # fail on a typo before hours of training, not after
@@ -243,8 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"rows": rows, "files": [str(f) for f in files]})
     else:
-        metric = rows[0]["metric_name"]
-        print(text_table([{**r, metric: r["metric"]} for r in rows], [c if c != "metric" else metric for c in COLUMNS]))
+        print(text_table(*metric_table(rows)))
         print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 

@@ -38,14 +38,17 @@ def compare_methods(base: str | Mapping[str, Any] | None, methods: Sequence[str]
     return rows
 
 
+def metric_table(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows and columns for printing, with the metric column named after the metric (``top1``, ``psnr``)."""
+    metric = rows[0]["metric_name"] if rows else "top1"
+    return [{**r, metric: r["metric"]} for r in rows], [c if c != "metric" else metric for c in COLUMNS]
+
+
 def write_report(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """``compare.csv``, ``compare.md``, ``compare.json`` and ``compare.png`` in ``out_dir``."""
     import json
 
-    metric = rows[0]["metric_name"] if rows else "top1"
-    columns = [c if c != "metric" else metric for c in COLUMNS]
-    table = [{**r, metric: r["metric"]} for r in rows]
-    files = write_tables(table, columns, out_dir, "compare")
+    files = write_tables(*metric_table(rows), out_dir, "compare")
     (out_dir / "compare.json").write_text(json.dumps(list(rows), indent=1, default=str))
     return files + [out_dir / "compare.json", accuracy_chart(rows, out_dir / "compare.png", title)]
 
