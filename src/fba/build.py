@@ -125,13 +125,21 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
         **kwargs: config keys, e.g. ``method="fba"``, ``K=4``, ``optim={"lr": 0.05}``,
             ``**{"fba.bank.source": "longterm"}``.
     """
+    # Top-level keys pass as is; nested ones as dotted keys or section dicts (fba={...}).
+    cfg = resolve_config(config, kwargs)
+    # The initial weights depend on the config's seed alone; the caller's RNG stream is left
+    # as it was (building a learner must not change what the caller draws next).
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg["seed"])
+        return _build_learner(cfg, num_classes, in_channels, num_samples, total_steps, steps_per_epoch)
+
+
+def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: int | None, num_samples: int | None,
+                   total_steps: int | None, steps_per_epoch: int | None):
     from fba.engine.learner import LocalLearner
     from fba.engine.partition import partition_units
     from fba.methods.base import BuildContext
 
-    # Top-level keys pass as is; nested ones as dotted keys or section dicts (fba={...}).
-    cfg = resolve_config(config, kwargs)
-    torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'precision': fp16 needs CUDA (its grad scaler); use bf16 or fp32 on CPU")
@@ -161,12 +169,15 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     model.plain.to(device)
     for aux in aux_nets:
         aux.to(device)
-    learner = LocalLearner(
-        plain=model.plain, local_modules=modules, head=model.head, aux_nets=aux_nets, method=method, task=task,
-        make_optimizer=optimizer_factory(cfg["optim"]),
-        make_scheduler=scheduler_factory(cfg["optim"], total_steps, steps_per_epoch),
-        step_mode=step_mode, bank=bank, precision=cfg["precision"],
-    ).to(device)
+    try:
+        learner = LocalLearner(
+            plain=model.plain, local_modules=modules, head=model.head, aux_nets=aux_nets, method=method, task=task,
+            make_optimizer=optimizer_factory(cfg["optim"]),
+            make_scheduler=scheduler_factory(cfg["optim"], total_steps, steps_per_epoch),
+            step_mode=step_mode, bank=bank, precision=cfg["precision"],
+        ).to(device)
+    except ValueError as error:
+        raise FBAError(f"method {cfg['method']!r} on {cfg['model']!r}: {error}") from None
     learner.config = cfg
     learner.groups = groups
     return learner

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fba.errors import FBAError
 
@@ -57,15 +57,41 @@ def device_for(info: DistInfo, requested: torch.device) -> torch.device:
     return requested
 
 
+class ProcessGroupCollectives:
+    """The collectives the learner and the feature bank use, over the default process group."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.rank = info.rank
+        self.world_size = info.world_size
+
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """Every process's ``t`` concatenated along dim 0 in rank order; dim 0 may differ by rank.
+
+        ``t`` must be on the backend's device (CUDA for NCCL). Rows are padded to the largest
+        count for the all-gather and trimmed after it.
+        """
+        import torch.distributed as dist
+
+        count = torch.tensor([t.shape[0]], device=t.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def distribute(learner, info: DistInfo, device: torch.device) -> None:
-    """Make every local unit of ``learner`` its own DDP instance."""
+    """Make every local unit of ``learner`` its own DDP instance, its bank shared by all processes."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     def wrap(unit: nn.Module) -> nn.Module:
         return DDP(unit, device_ids=[device.index] if device.type == "cuda" else None)
 
     try:
-        learner.distribute(wrap, info.world_size)
+        learner.distribute(wrap, ProcessGroupCollectives(info))
     except ValueError as error:
         raise FBAError(str(error)) from None
 

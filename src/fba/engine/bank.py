@@ -77,7 +77,11 @@ class FeatureBank:
         self._indices: Tensor | None = None
         self.table: Tensor | None = None
         self.filled: Tensor | None = None
+        self._rows: tuple[Tensor, Tensor] | None = None  # this step's table rows, on the device
+        self._rows_device: torch.device | str | None = None
         self._warned = False
+        #: set by a distributed learner (:class:`fba.engine.learner.Collectives`)
+        self.collectives = None
         if source == "longterm":
             # Sized to the training set when known; otherwise grown to the largest index seen.
             rows = num_samples or 0
@@ -95,6 +99,7 @@ class FeatureBank:
     # ---- one training step ----------------------------------------------------------------
     def begin_step(self, indices: Tensor | None) -> None:
         self._step.clear()
+        self._rows = None
         if self.source == "longterm" and indices is None and not self._warned:
             warnings.warn("the long-term feature bank needs the dataset indices of each batch "
                           "(train_step(inputs, targets, indices)); without them it is skipped", stacklevel=3)
@@ -134,20 +139,40 @@ class FeatureBank:
         if self.source == "lookahead":
             return self._step[len(self.module_channels) - 1], None
         if self._longterm_active:
-            assert self.table is not None and self.filled is not None and self._indices is not None
-            idx = self._indices
-            return self.table[idx].to(device, torch.float32), self.filled[idx].to(device)
+            if self._rows is None or self._rows_device != device:
+                self._rows, self._rows_device = self._gather_rows(torch.device(device)), device
+            return self._rows
         return None, None
 
+    def _gather_rows(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This batch's rows of the table on ``device``: gathered once a step, whatever K is."""
+        assert self.table is not None and self.filled is not None and self._indices is not None
+        idx = self._indices
+        if device.type == "cuda" and self.table.device.type == "cpu":
+            # Gather into page-locked memory so that the copy to the GPU runs asynchronously.
+            rows = torch.empty((len(idx), self.table.shape[1]), dtype=self.table.dtype, pin_memory=True)
+            torch.index_select(self.table, 0, idx, out=rows)
+            return rows.to(device, non_blocking=True).float(), self.filled[idx].to(device, non_blocking=True)
+        return self.table[idx].to(device, torch.float32), self.filled[idx].to(device)
+
     def end_step(self) -> None:
-        """Commit this step's last-module summaries to the long-term table."""
+        """Commit this step's last-module summaries to the long-term table.
+
+        Distributed, every process commits every process's entries, so all hold the same
+        full table: a sample's next visit is usually on another process.
+        """
         if self._longterm_active and self._step:
             assert self.table is not None and self.filled is not None and self._indices is not None
             idx = self._indices
             last = self._step[len(self.module_channels) - 1]
+            if self.collectives is not None:
+                idx = self.collectives.gather_rows(idx.to(last.device)).to(self.table.device)
+                last = self.collectives.gather_rows(last)
+                self._ensure_rows(int(idx.max()) + 1)
             self.table[idx] = last.to(self.table.device, self.table.dtype)
             self.filled[idx] = True
         self._step.clear()
+        self._rows = None
 
     def _ensure_rows(self, rows: int) -> None:
         assert self.table is not None and self.filled is not None

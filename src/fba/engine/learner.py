@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterable, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,17 @@ from fba.errors import NonFiniteLossError
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 STEP_MODES = ("global", "per_module")
+
+
+class Collectives(Protocol):
+    """What the learner and the bank need from a process group (see :mod:`fba.distributed`)."""
+
+    rank: int
+    world_size: int
+
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """Concatenate every process's ``t`` along dim 0, in rank order (sizes may differ)."""
+        ...
 
 
 class LocalUnit(nn.Module):
@@ -30,10 +42,13 @@ class LocalUnit(nn.Module):
         self.k = k
         self.module = learner.local_modules[k]
         self.loss_net = learner.aux_nets[k] if k < learner.K - 1 else learner.head
-        object.__setattr__(self, "_learner", learner)  # a back-reference, not a submodule
+        # A weak back-reference: a strong one would make learner and units a reference cycle,
+        # so a deleted learner (and its device memory) would live on until a full gc pass.
+        object.__setattr__(self, "_learner", weakref.ref(learner))
 
     def forward(self, h_in: Tensor, targets: Any) -> tuple[Tensor, Tensor]:
-        learner = self._learner
+        learner = self._learner()
+        assert learner is not None, "the learner of this unit was deleted"
         h = self.module(h_in)
         if learner.bank is not None:
             learner.bank.write(self.k, h)
@@ -98,6 +113,8 @@ class LocalLearner(nn.Module):
         # registered a second time. distribute() may wrap each in DDP.
         self.units: list[nn.Module] = [LocalUnit(self, k) for k in range(self.K)]
         self.world_size = 1
+        self.collectives: Collectives | None = None
+        self._check_every_parameter_is_trained()
 
     @property
     def K(self) -> int:
@@ -126,6 +143,14 @@ class LocalLearner(nn.Module):
             owned.update(id(p) for p in fresh)
             groups[k] += fresh
         return groups
+
+    def _check_every_parameter_is_trained(self) -> None:
+        """A trainable parameter of the plain model in no optimizer would silently stay at its init."""
+        stepped = {id(p) for opt in self.optimizers for group in opt.param_groups for p in group["params"]}
+        orphans = [name for name, p in self._plain.named_parameters() if p.requires_grad and id(p) not in stepped]
+        if orphans:
+            raise ValueError(f"{len(orphans)} parameter(s) of the model belong to no local module or head and would "
+                             f"never be trained: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")
 
     # ---- the local step --------------------------------------------------------------------
     def train_step(self, inputs: Tensor, targets: Any, indices: Tensor | None = None) -> dict[str, float]:
@@ -184,27 +209,48 @@ class LocalLearner(nn.Module):
         out.update({f"loss/{k}": v for k, v in enumerate(values)})
         return out
 
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module], world_size: int) -> None:
-        """Wrap every local unit (e.g. in DDP) so that each averages its own gradients."""
-        shares_head = any(self.head in (getattr(aux, "head", None), getattr(aux, "tail", None)) for aux in self.aux_nets)
-        if shares_head:
-            raise ValueError("a head shared by several local units cannot be averaged per unit; "
-                             "use fba.share_head=false with more than one process")
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module], collectives: Collectives) -> None:
+        """Wrap every local unit (e.g. in DDP) so that each averages its own gradients.
+
+        ``collectives`` lets the processes agree: the long-term bank gathers every process's
+        entries, and a non-finite loss on one process stops all of them at the same point.
+        """
+        owner: dict[int, int] = {}
+        for k, unit in enumerate(self.units):
+            for p in unit.parameters():
+                if owner.setdefault(id(p), k) != k:
+                    raise ValueError(f"a parameter is shared by local units {owner[id(p)]} and {k}; each unit "
+                                     "averages its own gradients, so a shared one cannot be averaged (with "
+                                     "fba.share_head=true, train in one process or set it to false)")
         self.units = [wrap(unit) for unit in self.units]
-        self.world_size = world_size
+        self.world_size = collectives.world_size
+        self.collectives = collectives
+        if self.bank is not None:
+            self.bank.collectives = collectives
 
     def undistribute(self) -> None:
         """Drop the DDP wrappers (before the process group goes away)."""
         self.units = [LocalUnit(self, k) for k in range(self.K)]
         self.world_size = 1
+        self.collectives = None
+        if self.bank is not None:
+            self.bank.collectives = None
 
     def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0) -> None:
-        values = torch.stack(losses[first:])
-        if not bool(torch.isfinite(values).all()):
-            bad = first + int((~torch.isfinite(values)).nonzero()[0])
+        """Raise on a NaN or infinite loss, on every process at once when distributed.
+
+        A process that raised alone would leave the others waiting in DDP's all-reduce for ever.
+        """
+        values = torch.stack(losses[first:]).float()[None]
+        if self.collectives is not None:
+            values = self.collectives.gather_rows(values)  # (world_size, modules)
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            rank, module = (int(i) for i in bad[0])
+            where = f" on rank {rank}" if self.collectives is not None else ""
             raise NonFiniteLossError(
-                f"the loss of module {bad} is {losses[bad].item()} at step {self.global_step}; "
-                "lower the learning rate or use precision=fp32")
+                f"the loss of module {first + module}{where} is {values[rank, module].item()} at step "
+                f"{self.global_step}; lower the learning rate or use precision=fp32")
 
     def _lookahead(self, inputs: Tensor) -> None:
         """One no-grad forward that fills the bank with every module's summary for this batch."""

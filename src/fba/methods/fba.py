@@ -169,6 +169,9 @@ class FBA(LocalMethod):
         if predicted is not None and features is not None:
             mismatch = 1.0 - F.cosine_similarity(predicted, features, dim=1)
             if valid is not None:
-                mismatch = mismatch * valid.float()
+                # The mean over the rows that have a target: rows not yet filled must not
+                # dilute the loss of the rows that are.
+                valid = valid.float()
+                mismatch = (mismatch * valid).sum() / valid.sum().clamp(min=1.0)
             loss = loss + self.target_weight * mismatch.mean()
         return loss
