@@ -9,6 +9,7 @@ method and the shapes, not on the host, so it can be compared across machines an
 
 from __future__ import annotations
 
+import gc
 import weakref
 from typing import Any, Callable, Iterable, Mapping
 
@@ -98,13 +99,26 @@ class LiveTensorTracker(TorchDispatchMode):
         return out
 
 
-def _bytes(tensors: Iterable[Tensor]) -> int:
+def _bytes(tensors: Iterable[Tensor], device: torch.device) -> int:
+    """Bytes of the distinct storages among ``tensors`` that live on ``device``.
+
+    Tensors elsewhere (a long-term bank kept on the CPU) take none of that device's memory.
+    """
     seen: dict[int, int] = {}
     for t in tensors:
-        if isinstance(t, Tensor):
+        if isinstance(t, Tensor) and _same_device(t.device, device):
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = None,
@@ -126,6 +140,9 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
+        # Whatever an earlier measurement left unreachable (a learner in a reference cycle)
+        # must be freed before the peak is reset, or it would count towards this one.
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -134,7 +151,7 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
         peak = int(torch.cuda.max_memory_allocated(device))
         # The allocator cannot say what was alive at the peak; the categories are sized after
         # the run (their steady state) and the rest of the peak is reported as activations.
-        breakdown = {name: _bytes(tensors()) for name, tensors in (categories or {}).items()}
+        breakdown = {name: _bytes(tensors(), device) for name, tensors in (categories or {}).items()}
         breakdown["activations"] = peak - sum(breakdown.values())
         return {"peak_bytes": peak, "breakdown": breakdown, "backend": "cuda"}
     tracker = LiveTensorTracker(categories)

@@ -23,7 +23,8 @@ def _synthetic_batch(cfg: Mapping[str, Any], batch_size: int, in_channels: int, 
     else:
         images = torch.randn(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
         targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    indices = torch.randperm(num_samples, generator=generator)[:batch_size]
+    # A copy, not a view: a view would keep (and the tracker count) the whole permutation.
+    indices = torch.randperm(num_samples, generator=generator)[:batch_size].clone()
     return images, targets, indices
 
 

@@ -29,10 +29,14 @@ def describe_metrics(metrics: Mapping[str, Any]) -> str:
     return f"test top-1 {metrics['top1']:.4f}"
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Each epoch's shuffling and augmentation depend only on (seed, epoch), so a run resumed
-    # at an epoch boundary draws exactly the random numbers the uninterrupted run would.
-    return seed * 100_003 + epoch
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's augmentation (and, for rank 0, shuffling) on one process.
+
+    It depends only on (seed, epoch, rank), so a run resumed at an epoch boundary draws exactly
+    the random numbers the uninterrupted run would. The rank is in it so that the processes
+    of a distributed run draw different crops, flips and patches for their samples.
+    """
+    return seed * 100_003 + epoch + rank * 1_000_000_007  # rank 0 keeps the single-process seeds
 
 
 class Trainer:
@@ -43,7 +47,9 @@ class Trainer:
     ``curves.png``, ``summary.json``.
     """
 
-    def __init__(self, config: Mapping[str, Any], run_dir: Path | None = None, log=None) -> None:
+    def __init__(self, config: Mapping[str, Any], run_dir: Path | None = None, log=None,
+                 initialise: bool = True) -> None:
+        """``initialise=False`` skips ``init_from``: a resumed run loads every weight from its checkpoint."""
         self.cfg = dict(config)
         self.dist = setup_from_env()
         self.log = (log or (lambda msg: print(msg, file=sys.stderr))) if self.dist.is_main else (lambda msg: None)
@@ -60,7 +66,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // global_batch if drop_last else 1
         self.drop_last = drop_last
         self.learner = build_learner(
-            self.cfg, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
+            self.cfg if initialise else {**self.cfg, "init_from": None}, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
             num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
             steps_per_epoch=self.steps_per_epoch)
         if self.dist.enabled:
@@ -77,9 +83,12 @@ class Trainer:
             raise FBAError(f"resume: {str(run_dir)!r} is not a run folder (no config.yaml)")
         cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
         cfg["resume"] = None
-        trainer = cls(cfg, run_dir=run_dir, log=log)
         ckpt = run_dir / "checkpoints"
-        if (ckpt / STATE).is_file():
+        has_checkpoint = (ckpt / STATE).is_file()
+        # The checkpoint holds every weight, so the init_from source (which may have moved
+        # since) is read only when the run stopped before its first checkpoint.
+        trainer = cls(cfg, run_dir=run_dir, log=log, initialise=not has_checkpoint)
+        if has_checkpoint:
             weights, state = load_checkpoint(ckpt)
             with checkpoint_must_fit(ckpt):
                 trainer.learner.load_weights(weights)
@@ -102,7 +111,7 @@ class Trainer:
         return candidate
 
     def loader(self, train: bool, epoch: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(_epoch_seed(self.cfg["seed"], epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg["seed"], epoch, self.dist.rank))
         data = self.cfg["data"]
         sampler = None
         if train and self.dist.enabled:
@@ -161,11 +170,12 @@ class Trainer:
     def _train_epoch(self, epoch: int, records: RunRecords) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        torch.manual_seed(_epoch_seed(self.cfg["seed"], epoch))
+        self.seed_epoch(epoch)
         cuda_peak = self.device.type == "cuda" and self.cfg["train"]["measure_memory"]
         if cuda_peak:  # training steps only: evaluation must not set the training peak
             torch.cuda.reset_peak_memory_stats(self.device)
         losses: list[float] = []
+        lr = self.learner.optimizers[0].param_groups[0]["lr"]
         tracker_seconds = 0.0
         start = time.perf_counter()
         batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
@@ -173,7 +183,10 @@ class Trainer:
         for images, labels, indices in batches:  # (lr, hr, index) for super-resolution
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            if self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"] and not cuda_peak:
+            # Measured on a step that starts with optimizer state, as fba bench does: the first
+            # step creates it, so it would miss the momentum (or Adam) buffers.
+            if (self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"] and not cuda_peak
+                    and self.learner.global_step >= 1):
                 tracked = time.perf_counter()
                 out = self._measured_step(images, labels, indices)
                 # The tracker slows its step by a method-dependent amount: keep it out of the timing.
@@ -181,6 +194,7 @@ class Trainer:
             else:
                 out = self.learner.train_step(images, labels, indices)
             losses.append(out["loss"])
+            lr = out["lr"]
             batches.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
             if self.learner.global_step % 10 == 0:
                 records.scalar("step/loss", out["loss"], self.learner.global_step)
@@ -194,17 +208,32 @@ class Trainer:
             untracked = seconds - tracker_seconds
             seconds = untracked * len(losses) / (len(losses) - 1)
         return {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
-                "lr": self.learner.optimizers[0].param_groups[0]["lr"], "seconds": seconds}
+                "lr": lr, "seconds": seconds}  # the rate of the epoch's last step, not the next one's
+
+    def seed_epoch(self, epoch: int) -> None:
+        """Seed this process's global RNG, which the augmentations draw from, for ``epoch``."""
+        torch.manual_seed(epoch_seed(self.cfg["seed"], epoch, self.dist.rank))
 
     def _measured_step(self, images, labels, indices) -> dict[str, float]:
-        """The first step on CPU, measured by the live-tensor tracker (deterministic)."""
+        """One steady-state step on CPU, measured by the live-tensor tracker (deterministic).
+
+        Everything alive when it starts counts: weights, the previous step's gradients (a
+        global step frees them only at its start), optimizer state, the bank and the batch.
+        """
         from fba.bench.memory import peak_memory
 
+        import itertools
+
         result: dict[str, float] = {}
-        existing = [images, labels, *self.learner.parameters(), *self.learner.buffers()]
-        if self.learner.bank is not None:
-            existing += self.learner.bank.tensors()
-        measured = peak_memory(lambda: result.update(self.learner.train_step(images, labels, indices)), existing=existing)
+        learner = self.learner
+        # A generator, not a list: a list would keep the old gradients alive after the step
+        # sets them to None, and count them twice.
+        existing = itertools.chain(
+            (images, labels, indices), learner.parameters(), learner.buffers(),
+            (p.grad for p in learner.parameters() if p.grad is not None),
+            (t for opt in learner.optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)),
+            learner.bank.tensors() if learner.bank is not None else ())
+        measured = peak_memory(lambda: result.update(learner.train_step(images, labels, indices)), existing=existing)
         self.peak_memory_bytes = measured["peak_bytes"]
         return result
 

