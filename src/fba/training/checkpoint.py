@@ -71,12 +71,28 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 @contextlib.contextmanager
 def checkpoint_must_fit(where: Path) -> Iterator[None]:
-    """Turn a checkpoint that does not match the built learner into a one-line user error."""
+    """Turn a checkpoint that does not match the built learner into a one-line user error.
+
+    Only a mismatch is translated: missing or unexpected keys, or a tensor of another shape.
+    Any other failure (out of memory, a device error) propagates as it is, so that it is not
+    blamed on the config.
+    """
     try:
         yield
-    except (ValueError, RuntimeError, KeyError) as error:
+    except (ValueError, KeyError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not _is_state_dict_mismatch(error):
+            raise
         raise FBAError(f"the checkpoint {str(where)!r} does not fit this config (was a structural key "
                        f"overridden?): {str(error).splitlines()[0]}") from None
+
+
+def _is_state_dict_mismatch(error: RuntimeError) -> bool:
+    # load_state_dict reports missing/unexpected keys and size mismatches in one RuntimeError;
+    # copying a tensor of another shape (optimizer state) fails with "size of tensor a".
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error)
+    return "Error(s) in loading state_dict" in text or "size mismatch" in text or "must match the size" in text
 
 
 def load_state(path: Path) -> dict[str, Any]:
