@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["build_learner", "list_models", "list_methods", "list_datasets", "bench", "metrics", "FBAError", "__version__"]
+__all__ = ["build_learner", "list_models", "list_methods", "list_datasets", "list_tasks", "bench", "metrics", "FBAError",
+           "__version__"]
 
 from fba.errors import FBAError
 
@@ -28,12 +29,18 @@ def build_learner(*args: Any, **kwargs: Any):
 build_learner.__doc__ = "Build a LocalLearner; see :func:`fba.build.build_learner`."
 
 
+def list_tasks() -> list[str]:
+    """Registered task names (``classification``, ``super_resolution``, ...)."""
+    from fba.tasks import list_tasks as _list
+
+    return _list()
+
+
 def list_models(task: str | None = None) -> list[str]:
     """Registered model names: every task's, or one task's (``classification``, ``super_resolution``)."""
-    from fba.build import model_registry
+    from fba.tasks import get_task
 
-    tasks = [task] if task else ["classification", "super_resolution"]
-    return [name for t in tasks for name in model_registry(t).names()]
+    return [name for t in ([task] if task else list_tasks()) for name in get_task(t).model_registry().names()]
 
 
 def list_methods() -> list[str]:
@@ -44,10 +51,9 @@ def list_methods() -> list[str]:
 
 def list_datasets(task: str | None = None) -> list[str]:
     """Registered dataset names: every task's, or one task's."""
-    from fba.build import dataset_registry
+    from fba.tasks import get_task
 
-    tasks = [task] if task else ["classification", "super_resolution"]
-    return [name for t in tasks for name in dataset_registry(t).names()]
+    return [name for t in ([task] if task else list_tasks()) for name in get_task(t).dataset_registry().names()]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ import torch
 
 from fba.config import resolve_config
 from fba.errors import ConfigError, FBAError
-
+from fba.tasks import get_task
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,51 +28,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_registry(task: str):
-    if task == "super_resolution":
-        from fba.tasks.super_resolution.models import SR_MODELS
-
-        return SR_MODELS
-    from fba.tasks.classification.models import MODELS
-
-    return MODELS
+    """The model registry of task ``task`` (name -> builder of a UnitModel)."""
+    return get_task(task).model_registry()
 
 
 def build_model(config: Mapping[str, Any], num_classes: int = 10, in_channels: int = 3):
-    """The task's model as units + head (classification: sized by classes; SR: by scale)."""
-    builder = model_registry(config["task"]).get(config["model"])
-    if config["task"] == "super_resolution":
-        return builder(scale=config["sr"]["scale"], in_channels=in_channels)
-    return builder(num_classes=num_classes, in_channels=in_channels)
+    """The config's model as units + head, shaped by its task (classes, scale, ...)."""
+    return get_task(config["task"]).build_model(config, num_classes, in_channels)
 
 
 def build_task(config: Mapping[str, Any]):
-    if config["task"] == "super_resolution":
-        from fba.tasks.super_resolution.task import SuperResolutionTask
-
-        return SuperResolutionTask(scale=config["sr"]["scale"], y_channel=config["sr"]["y_channel"])
-    from fba.tasks.classification.task import ClassificationTask
-
-    return ClassificationTask()
+    """The task object (loss, evaluation, bank summary) of the config's task."""
+    return get_task(config["task"]).build_task(config)
 
 
 def build_method(config: Mapping[str, Any]):
+    """The config's method, built from its own config section."""
     from fba.methods import get_method
 
-    cls = get_method(config["method"])
-    if cls.name == "fba":
-        opts, bank = config["fba"], config["fba"]["bank"]
-        return cls(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
-                   bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
-                   bank_storage=bank["storage"], bank_dtype=bank["dtype"])
-    if cls.name == "predsim":
-        return cls(beta=config["predsim"]["beta"])
-    if cls.name == "infopro":
-        opts = config["infopro"]
-        return cls(mode=opts["mode"], weights_first=tuple(opts["weights_first"]), weights_last=tuple(opts["weights_last"]),
-                   temperature=opts["temperature"])
-    if cls.name == "auglocal":
-        return cls(depth=config["auglocal"]["depth"], tau=config["auglocal"]["tau"])
-    return cls()
+    return get_method(config["method"]).from_config(config)
 
 
 def optimizer_factory(optim: Mapping[str, Any]):
@@ -184,23 +158,10 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
 
 
 def dataset_registry(task: str):
-    if task == "super_resolution":
-        from fba.tasks.super_resolution.data import SR_DATASETS
-
-        return SR_DATASETS
-    from fba.tasks.classification.data import DATASETS
-
-    return DATASETS
+    """The dataset registry of task ``task`` (name -> builder of ``(train, test, info)``)."""
+    return get_task(task).dataset_registry()
 
 
 def build_datasets(cfg: Mapping[str, Any]):
     """``(train_set, test_set, info)`` for the config's task and ``data.name``."""
-    data = cfg["data"]
-    builder = dataset_registry(cfg["task"]).get(data["name"])
-    if cfg["task"] == "super_resolution":
-        sr = cfg["sr"]
-        return builder(root=data["root"], scale=sr["scale"], patch_size=sr["patch_size"], augment=data["augment"],
-                       patches_per_epoch=sr["patches_per_epoch"], eval_crop=sr["eval_crop"], download=data["download"])
-    return builder(root=data["root"], download=data["download"], augment=data["augment"],
-                   per_class_train=data["per_class_train"], per_class_test=data["per_class_test"],
-                   image_size=data["image_size"])
+    return get_task(cfg["task"]).build_datasets(cfg)

@@ -100,18 +100,19 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
 def _learner_from_run(path: str, overrides: list[str], need_data: bool = True):
     from fba.build import build_datasets, build_learner
     from fba.config import load_yaml, resolve_config
+    from fba.tasks import get_task
     from fba.training.checkpoint import checkpoint_must_fit, load_weights
 
     run_dir, weights = _run_dir_and_weights(path)
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
     cfg["init_from"] = None  # the checkpoint below holds every weight
-    if need_data or cfg["task"] != "super_resolution":
+    # Running the model on a folder of images needs no dataset, where the task can tell the
+    # data's shape facts from the config alone.
+    info = None if need_data else get_task(cfg["task"]).offline_data_info(cfg)
+    if info is None:
         train_set, test_set, info = build_datasets(cfg)
-    else:  # super-resolving a folder of images needs no dataset
-        from fba.tasks.super_resolution.data import SRDataInfo
-
-        test_set, info = None, SRDataInfo(scale=cfg["sr"]["scale"], in_channels=3, num_train=0,
-                                          num_train_images=0, num_val_images=0)
+    else:
+        test_set = None
     learner = build_learner(cfg, num_classes=getattr(info, "num_classes", None), in_channels=info.in_channels,
                             num_samples=info.num_train or None)
     with checkpoint_must_fit(weights):
@@ -120,65 +121,28 @@ def _learner_from_run(path: str, overrides: list[str], need_data: bool = True):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from fba.build import resolve_device
+    from fba.tasks import get_task
 
     cfg, learner, test_set, _ = _learner_from_run(args.run, args.overrides, need_data=args.images is None)
     device = resolve_device(cfg["device"])
-    if cfg["task"] != "super_resolution":
-        if args.images or args.out:
-            from fba.errors import ConfigError
-
-            raise ConfigError("--images and --out are for super-resolution runs (they write super-resolved PNGs)")
-        loader = DataLoader(test_set, batch_size=cfg["data"]["eval_batch_size"], num_workers=cfg["data"]["num_workers"])
-        metrics = learner.task.evaluate(learner, loader, device)
-        result = {"run": args.run, "dataset": cfg["data"]["name"], **metrics}
-        return _report(args, result, f"{cfg['data']['name']} test: top-1 {metrics['top1']:.4f}, loss {metrics['loss']:.4f}")
-    return _eval_super_resolution(args, cfg, learner, test_set, device)
-
-
-def _eval_super_resolution(args: argparse.Namespace, cfg: dict, learner, val_set, device) -> int:
-    """Metrics on the run's validation set, or super-resolved PNGs of a folder of LR images."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from fba.tasks.super_resolution.data import read_image_folder, save_image
-    from fba.training.trainer import describe_metrics
-
     run_dir = _run_dir_and_weights(args.run)[0]
-    model = learner.export().to(device)
-    if args.images:
-        out = Path(args.out or run_dir / "sr" / Path(args.images).resolve().name)
-        images = read_image_folder(args.images)
-        with torch.no_grad():
-            for name, lr in images:
-                save_image(model(lr[None].to(device))[0].clamp(0, 1), out / f"{name}.png")
-        result = {"run": args.run, "images": len(images), "out": str(out), "scale": cfg["sr"]["scale"]}
-        return _report(args, result, f"wrote {len(images)} x{cfg['sr']['scale']} super-resolved PNGs to {out}")
-    out = Path(args.out) if args.out else None
-    names = getattr(val_set, "names", None)
-
-    def save(index: int, sr) -> None:
-        save_image(sr, out / f"{names[index] if names else index}.png")
-
-    loader = DataLoader(val_set, batch_size=1, num_workers=cfg["data"]["num_workers"])
-    metrics = learner.task.evaluate(model, loader, device, on_output=save if out else None)
-    result = {"run": args.run, "dataset": cfg["data"]["name"], "scale": cfg["sr"]["scale"], **metrics,
-              **({"out": str(out)} if out else {})}
-    return _report(args, result, f"{cfg['data']['name']} x{cfg['sr']['scale']} validation: {describe_metrics(metrics)}"
-                                 + (f"; PNGs in {out}" if out else ""))
+    result, text = get_task(cfg["task"]).evaluate_run(cfg, learner, test_set, device, run_dir=run_dir,
+                                                      images=args.images, out=args.out)
+    return _report(args, {"run": args.run, **result}, text)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
+
+    from fba.tasks import get_task
 
     cfg, learner, _, info = _learner_from_run(args.run, [])
     model = learner.export()
     out = Path(args.out) if args.out else _run_dir_and_weights(args.run)[0] / "export" / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    shape = {"scale": str(cfg["sr"]["scale"])} if cfg["task"] == "super_resolution" else {"num_classes": str(info.num_classes)}
+    shape = get_task(cfg["task"]).export_metadata(cfg, info)
     meta = {"task": cfg["task"], "model": cfg["model"], **shape, "in_channels": str(info.in_channels),
             "class": f"{type(model).__module__}.{type(model).__qualname__}"}
     save_file(state, str(out), metadata=meta)
@@ -256,7 +220,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import fba
 
-    tasks = ("classification", "super_resolution")
+    tasks = fba.list_tasks()
     listing = {
         "models": {task: fba.list_models(task) for task in tasks},
         "methods": {"": fba.list_methods()},
@@ -280,14 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test split (or super-resolve a folder)")
+    # --images and --out mean what the run's task makes of them (its plugin's evaluate_run).
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on its test split (or run it on a folder of images)")
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT.safetensors")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=... device=cpu")
     p.add_argument("--images", default=None, metavar="FOLDER",
-                   help="super-resolution: upscale every image in FOLDER and write PNGs (no metrics)")
+                   help="run the model on every image in FOLDER and write its outputs as PNGs, no metrics "
+                        "(tasks with image outputs, e.g. super-resolution)")
     p.add_argument("--out", default=None, metavar="FOLDER",
-                   help="super-resolution: where to write PNGs (default with --images: RUN_DIR/sr/<FOLDER name>; "
-                        "without --images, also writes the validation images' outputs)")
+                   help="where to write PNGs (default with --images: a folder in RUN_DIR named after FOLDER; "
+                        "without --images, also writes the evaluation images' outputs)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -1,24 +1,30 @@
 """Configuration: defaults, YAML loading, dotted overrides and validation.
 
-A config is a nested dict. Every key has a default below; a YAML file or ``key=value``
-overrides (``data.batch_size=64``) may change values but not invent keys. Validation
-reports the first problem as one line that names the key and the bad value.
+A config is a nested dict. Every key has a default, below or in a task plugin's section
+(``fba.tasks``); a YAML file or ``key=value`` overrides (``data.batch_size=64``) may change
+values but not invent keys. Validation reports the first problem as one line that names
+the key and the bad value.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import math
-import re
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from fba import rules
 from fba.errors import ConfigError
+from fba.rules import Rule
+from fba.tasks import DEFAULT_TASK, get_task, list_tasks
+from fba.tasks.plugin import TaskPlugin
 
-# Rules: a type, a tuple of choices, or a callable check. None in DEFAULTS means "optional".
-DEFAULTS: dict[str, Any] = {
-    "task": "classification",
+# Sections every config has whatever its task; the task plugins add theirs between ``train``
+# and the method sections (the order a saved config.yaml lists them in).
+_CORE_DEFAULTS: dict[str, Any] = {
+    "task": DEFAULT_TASK,
     "model": "resnet32",
     "method": "fba",
     "K": 16,
@@ -61,13 +67,9 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
         "measure_memory": True,
     },
-    "sr": {
-        "scale": 2,
-        "patch_size": 48,
-        "patches_per_epoch": 1600,
-        "eval_crop": None,
-        "y_channel": True,
-    },
+}
+
+_METHOD_DEFAULTS: dict[str, Any] = {
     # Baselines (paper Table 1); docs/methods.md gives each value's source.
     "predsim": {"beta": 0.99},
     "infopro": {"mode": "contrast", "weights_first": [5.0, 0.05], "weights_last": [0.2, 0.5], "temperature": 0.07},
@@ -87,159 +89,121 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-
-# What changes when a config names another task: a user who writes only
-# ``task=super_resolution`` gets a complete, sensible run (EDSR baseline x2, FBA, photos-sr).
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classification": {},
-    "super_resolution": {
-        "model": "edsr_baseline",
-        "K": 6,
-        "data": {"name": "photos-sr", "batch_size": 16, "eval_batch_size": 1, "augment": True},
-        # EDSR's recipe is Adam at 1e-4, halved every 200 epochs of 1,000 steps; the built-in
-        # run is short, so it uses a higher rate with a cosine decay.
-        "optim": {"name": "adam", "lr": 5e-4, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0},
-        # 30 epochs x 25 steps of 16 32x32 LR patches: about 12 minutes on 2 CPU cores.
-        "train": {"epochs": 30},
-        "sr": {"patch_size": 32, "patches_per_epoch": 400, "eval_crop": 256},
-        # The SR bank is the early full-resolution map of the current batch (paper Fig. 4).
-        # Half-width SLM tails: 0.42x BP's memory instead of 0.51x at 48x48, for 0.09 dB
-        # (docs/super_resolution.md, ablation).
-        "fba": {"reduction": 2, "bank": {"source": "inpass", "usage": "input"}},
-    },
+# A tuple of choices or a callable check (fba.rules). The rule of ``task`` is the registered
+# task names, added with the task sections' rules in _schema().
+_CORE_RULES: dict[str, Rule] = {
+    "model": rules.string,
+    "method": rules.string,
+    "K": rules.integer,  # the partitioner names the valid range for this backbone
+    "partition": ("auto", "count", "stage", "cuts"),
+    "cuts": rules.cuts,
+    "seed": rules.seed,
+    "device": rules.device,
+    "precision": ("fp32", "bf16", "fp16"),
+    "resume": rules.optional_str,
+    "init_from": rules.optional_str,
+    "data.name": rules.string,
+    "data.root": rules.string,
+    "data.download": rules.boolean,
+    "data.augment": rules.boolean,
+    "data.batch_size": rules.batch,
+    "data.eval_batch_size": rules.positive_int,
+    "data.num_workers": rules.non_negative_int,
+    "data.per_class_train": rules.positive_int,
+    "data.per_class_test": rules.positive_int,
+    "data.image_size": rules.positive_int,
+    "optim.name": ("sgd", "adam", "adamw"),
+    "optim.lr": rules.positive_number,
+    "optim.momentum": rules.non_negative_number,
+    "optim.nesterov": rules.boolean,
+    "optim.weight_decay": rules.non_negative_number,
+    "optim.schedule": ("cosine", "constant", "step"),
+    "optim.warmup_epochs": rules.non_negative_number,
+    "optim.decay_every_epochs": rules.positive_number,
+    "optim.decay_factor": rules.positive_number,
+    "optim.step": ("auto", "global", "per_module"),
+    "train.epochs": rules.positive_int,
+    "train.eval_every": rules.positive_int,
+    "train.runs_dir": rules.string,
+    "train.name": rules.optional_str,
+    "train.progress": rules.boolean,
+    "train.measure_memory": rules.boolean,
 }
 
-
-def _int(value: Any) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-
-
-def _positive_int(value: Any) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) and value > 0 else "a positive integer"
-
-
-def _non_negative_int(value: Any) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "a non-negative integer"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _non_negative_number(value: Any) -> str | None:
-    return None if _finite(value) and value >= 0 else "a finite non-negative number"
-
-
-def _positive_number(value: Any) -> str | None:
-    return None if _finite(value) and value > 0 else "a finite positive number"
-
-
-def _seed(value: Any) -> str | None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
-    return None if ok else "an integer in [0, 2**32)"
-
-
-def _batch(value: Any) -> str | None:
-    # BatchNorm in train mode needs at least two samples per batch.
-    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else "an integer >= 2"
-
-
-def _device(value: Any) -> str | None:
-    return None if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) else "auto, cpu, cuda or cuda:N"
-
-
-def _optional_str(value: Any) -> str | None:
-    return None if value is None or isinstance(value, str) else "a string or null"
-
-
-def _cuts(value: Any) -> str | None:
-    ok = value is None or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-    return None if ok else "a list of integer unit indices or null"
-
-
-def _weight_pair(value: Any) -> str | None:
-    ok = isinstance(value, list) and len(value) == 2 and all(_finite(v) and v >= 0 for v in value)
-    return None if ok else "a list of two non-negative numbers [reconstruction, task]"
-
-
-def _unit_interval(value: Any) -> str | None:
-    return None if _finite(value) and 0 <= value <= 1 else "a number in [0, 1]"
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "true or false"
-
-
-def _str(value: Any) -> str | None:
-    return None if isinstance(value, str) else "a string"
-
-
-RULES: dict[str, Any] = {
-    "task": tuple(TASK_DEFAULTS),
-    "model": _str,
-    "method": _str,
-    "K": _int,  # the partitioner names the valid range for this backbone
-    "partition": ("auto", "count", "stage", "cuts"),
-    "cuts": _cuts,
-    "seed": _seed,
-    "device": _device,
-    "precision": ("fp32", "bf16", "fp16"),
-    "resume": _optional_str,
-    "init_from": _optional_str,
-    "data.name": _str,
-    "data.root": _str,
-    "data.download": _bool,
-    "data.augment": _bool,
-    "data.batch_size": _batch,
-    "data.eval_batch_size": _positive_int,
-    "data.num_workers": _non_negative_int,
-    "data.per_class_train": _positive_int,
-    "data.per_class_test": _positive_int,
-    "data.image_size": _positive_int,
-    "optim.name": ("sgd", "adam", "adamw"),
-    "optim.lr": _positive_number,
-    "optim.momentum": _non_negative_number,
-    "optim.nesterov": _bool,
-    "optim.weight_decay": _non_negative_number,
-    "optim.schedule": ("cosine", "constant", "step"),
-    "optim.warmup_epochs": _non_negative_number,
-    "optim.decay_every_epochs": _positive_number,
-    "optim.decay_factor": _positive_number,
-    "optim.step": ("auto", "global", "per_module"),
-    "train.epochs": _positive_int,
-    "train.eval_every": _positive_int,
-    "train.runs_dir": _str,
-    "train.name": _optional_str,
-    "train.progress": _bool,
-    "train.measure_memory": _bool,
-    "predsim.beta": _unit_interval,
+_METHOD_RULES: dict[str, Rule] = {
+    "predsim.beta": rules.unit_interval,
     "infopro.mode": ("contrast", "ce"),
-    "infopro.weights_first": _weight_pair,
-    "infopro.weights_last": _weight_pair,
-    "infopro.temperature": _positive_number,
-    "auglocal.depth": _positive_int,
-    "auglocal.tau": _unit_interval,
-    "sr.scale": (2, 3, 4),
-    "sr.patch_size": _positive_int,
-    "sr.patches_per_epoch": _positive_int,
-    "sr.eval_crop": lambda v: None if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0) else "a positive integer or null",
-    "sr.y_channel": _bool,
-    "fba.reduction": _positive_int,
-    "fba.share_head": _bool,
+    "infopro.weights_first": rules.weight_pair,
+    "infopro.weights_last": rules.weight_pair,
+    "infopro.temperature": rules.positive_number,
+    "auglocal.depth": rules.positive_int,
+    "auglocal.tau": rules.unit_interval,
+    "fba.reduction": rules.positive_int,
+    "fba.share_head": rules.boolean,
     "fba.bank.source": ("none", "inpass", "longterm", "lookahead"),
     "fba.bank.usage": ("input", "target"),
     "fba.bank.fusion": ("add", "concat"),
-    "fba.bank.target_weight": _non_negative_number,
+    "fba.bank.target_weight": rules.non_negative_number,
     "fba.bank.storage": ("cpu", "device"),
     "fba.bank.dtype": ("float16", "float32"),
 }
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """The config's shape for the tasks registered now: defaults, rules, task defaults."""
+
+    defaults: dict[str, Any]
+    rules: dict[str, Rule]
+    task_defaults: dict[str, dict[str, Any]]
+    sections: frozenset[str]
+
+
+def _schema() -> _Schema:
+    # Rebuilt when the set of registered tasks changes (a plugin registered at run time, as a
+    # test does), otherwise cached: validation asks for it once per key.
+    return _schema_for(tuple((name, get_task(name)) for name in list_tasks()))
+
+
+@functools.lru_cache(maxsize=8)
+def _schema_for(plugins: tuple[tuple[str, TaskPlugin], ...]) -> _Schema:
+    defaults = dict(_CORE_DEFAULTS)
+    rule_table: dict[str, Rule] = {"task": tuple(name for name, _ in plugins), **_CORE_RULES}
+    for name, plugin in plugins:
+        section = plugin.config_section
+        if section is None:
+            continue
+        if section in defaults or section in _METHOD_DEFAULTS:
+            raise ValueError(f"task {name!r}: config section {section!r} is taken")
+        defaults[section] = dict(plugin.config_defaults)
+        missing = set(plugin.config_defaults) ^ set(plugin.config_rules)
+        if missing:
+            raise ValueError(f"task {name!r}: section {section!r} keys without both a default and a rule: {sorted(missing)}")
+        rule_table.update({f"{section}.{key}": rule for key, rule in plugin.config_rules.items()})
+    defaults.update(_METHOD_DEFAULTS)
+    rule_table.update(_METHOD_RULES)
+    return _Schema(defaults=defaults, rules=rule_table, sections=frozenset(_sections(defaults)),
+                   task_defaults={name: copy.deepcopy(dict(plugin.task_defaults)) for name, plugin in plugins})
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULTS, RULES and TASK_DEFAULTS depend on the registered tasks, so they are computed
+    # on access rather than frozen at import.
+    schema = _schema()
+    if name == "DEFAULTS":
+        return copy.deepcopy(schema.defaults)
+    if name == "RULES":
+        return dict(schema.rules)
+    if name == "TASK_DEFAULTS":
+        return copy.deepcopy(schema.task_defaults)
+    raise AttributeError(f"module 'fba.config' has no attribute {name!r}")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and name in _SECTIONS:
+        if isinstance(value, Mapping) and value and name in _schema().sections:
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
@@ -255,15 +219,14 @@ def _sections(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
     return names
 
 
-_SECTIONS = _sections(DEFAULTS)
-
-
 def default_config() -> dict[str, Any]:
-    return copy.deepcopy(DEFAULTS)
+    """Every key at its default, with every registered task's section (a fresh copy)."""
+    return copy.deepcopy(_schema().defaults)
 
 
 def _unknown_key(key: str) -> ConfigError:
-    known = list(flatten(DEFAULTS)) + sorted(_SECTIONS)
+    schema = _schema()
+    known = list(flatten(schema.defaults)) + sorted(schema.sections)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -272,7 +235,7 @@ def _unknown_key(key: str) -> ConfigError:
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict, refusing keys that have no default."""
     parts = key.split(".")
-    node, ref = config, DEFAULTS
+    node, ref = config, _schema().defaults
     for part in parts[:-1]:
         if not isinstance(ref, Mapping) or part not in ref or not isinstance(ref[part], Mapping):
             raise _unknown_key(key)
@@ -326,7 +289,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any) -> Any:
     # YAML reads "1e-4" as a string; accept it wherever a number is expected.
-    default = flatten(DEFAULTS).get(key)
+    default = flatten(_schema().defaults).get(key)
     if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             number = float(value)
@@ -340,12 +303,13 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check every value against its rule; returns the config with numbers coerced."""
+    rule_table = _schema().rules
     for key, value in flatten(config).items():
-        if key not in RULES:
+        if key not in rule_table:
             raise _unknown_key(key)
         value = _coerce(key, value)
         set_dotted(config, key, value)
-        rule = RULES[key]
+        rule = rule_table[key]
         if isinstance(rule, tuple):
             if value not in rule:
                 close = difflib.get_close_matches(str(value), [str(r) for r in rule], n=1)
@@ -366,7 +330,7 @@ def resolve_config(source: str | Path | Mapping[str, Any] | None = None, overrid
     source_items = list(flatten(source or {}).items())
     override_items = list(overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides or []))
     task = next((value for key, value in reversed(source_items + override_items) if key == "task"), config["task"])
-    for key, value in flatten(TASK_DEFAULTS.get(task, {})).items():
+    for key, value in flatten(_schema().task_defaults.get(task, {})).items():
         set_dotted(config, key, value)
     for key, value in source_items + override_items:
         set_dotted(config, key, value)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fba.bench.report import MiB, save_figure, write_tables
+from fba.tasks import get_task
 
 COLUMNS = ["method", "K", "metric", "seconds_per_epoch", "peak_memory_bytes", "memory_ratio_to_bp", "time_ratio_to_bp"]
 
@@ -20,15 +21,16 @@ def compare_methods(base: str | Mapping[str, Any] | None, methods: Sequence[str]
                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train each method on ``base`` + ``overrides`` and return one row per method.
 
-    Rows carry the trainer's summary plus ``metric`` (the task's primary metric: ``top1``
-    or ``psnr``), ``memory_ratio_to_bp`` and ``time_ratio_to_bp`` (None without a ``bp`` row).
+    Rows carry the trainer's summary plus ``metric`` (the task plugin's primary metric,
+    e.g. ``top1`` or ``psnr``, named by ``metric_name``), ``memory_ratio_to_bp`` and
+    ``time_ratio_to_bp`` (None without a ``bp`` row).
     """
     from fba.bench.variants import train_variants
 
     runs = train_variants(base, {m: [f"method={m}"] for m in methods}, list(overrides), log=log)
     rows = []
     for run in runs:
-        metric_name = "psnr" if run.get("task") == "super_resolution" else "top1"
+        metric_name = get_task(run["task"]).primary_metric
         rows.append({"method": run["variant"], "K": run["K"], "metric_name": metric_name, "metric": run.get(metric_name),
                      **{k: v for k, v in run.items() if k not in ("variant", "overrides")}})
     bp = next((r for r in rows if r["method"] == "bp"), None)
@@ -60,8 +62,7 @@ def accuracy_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = rows[0]["metric_name"] if rows else "top1"
-    label = "validation PSNR (dB)" if metric == "psnr" else "test top-1"
+    label = get_task(rows[0]["task"]).metric_label if rows else ""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, xlabel in ((axes[0], "peak_memory_bytes", "peak training memory (MiB)"),
                             (axes[1], "seconds_per_epoch", "seconds per epoch")):

@@ -10,22 +10,21 @@ import torch
 
 from fba.bench.memory import peak_memory
 from fba.build import build_learner, resolve_device
+from fba.tasks import get_task
 
 
 def _synthetic_batch(cfg: Mapping[str, Any], batch_size: int, in_channels: int, input_size: int, num_classes: int,
                      num_samples: int, device: torch.device):
-    """Random inputs and targets of the task's shapes: images + labels, or LR + HR patches."""
+    """Random inputs and targets of the task's shapes (its plugin's), and dataset indices ``(N,)``.
+
+    Seeded by the config, so every method of one benchmark trains on the same batch.
+    """
     generator = torch.Generator().manual_seed(cfg["seed"])
-    if cfg["task"] == "super_resolution":
-        high = input_size * cfg["sr"]["scale"]
-        images = torch.rand(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
-        targets = torch.rand(batch_size, in_channels, high, high, generator=generator).to(device)
-    else:
-        images = torch.randn(batch_size, in_channels, input_size, input_size, generator=generator).to(device)
-        targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    inputs, targets = get_task(cfg["task"]).synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes,
+                                                            generator, device)
     # A copy, not a view: a view would keep (and the tracker count) the whole permutation.
     indices = torch.randperm(num_samples, generator=generator)[:batch_size].clone()
-    return images, targets, indices
+    return inputs, targets, indices
 
 
 def _learner(cfg: Mapping[str, Any], method: str, num_classes: int, in_channels: int, num_samples: int):

@@ -19,6 +19,8 @@ Pyramidal depth (deeper modules get shallower aux nets)::
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from torch import Tensor, nn
 
 from fba.methods import METHODS
@@ -87,6 +89,10 @@ class AugLocal(LocalMethod):
             raise ValueError(f"auglocal.tau must be in [0, 1], got {tau}")
         self.depth = depth
         self.tau = tau
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "AugLocal":
+        return cls(depth=config["auglocal"]["depth"], tau=config["auglocal"]["tau"])
 
     def aux_plan(self, ctx: BuildContext) -> list[list[int]]:
         """Sampled unit indices of each module's aux net (K-1 lists; the depth is each length)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from torch import Tensor, nn
 
@@ -56,6 +56,13 @@ class BuildContext:
     def module_stages(self) -> list[int]:
         return [self.last_spec(k).stage for k in range(self.K)]
 
+    def task_part(self, method: str, part: str) -> Callable[..., Any] | None:
+        """The task-specific ``part`` the task offers ``method`` (see :mod:`fba.tasks.plugin`),
+        or None when the task offers none (or is not a registered task)."""
+        from fba.tasks import method_part
+
+        return method_part(self.task.name, method, part)
+
 
 class LocalMethod:
     """Base class: K modules as plain ``nn.Sequential`` chains, no auxiliary networks.
@@ -70,6 +77,12 @@ class LocalMethod:
     default_step: str = "global"
     #: methods that are end-to-end by definition force K=1.
     end_to_end: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "LocalMethod":
+        """The method as the resolved ``config`` asks for it; a method with options reads them
+        from its own section (``config[cls.name]``). The base has no options."""
+        return cls()
 
     def module_from_units(self, units: Sequence[nn.Module]) -> nn.Module:
         return nn.Sequential(*units)

@@ -3,9 +3,9 @@
 Every module but the last is trained by a small auxiliary network and cross-entropy, and
 its optimizer steps right after its own backward (``default_step = "per_module"``).
 
-The auxiliary network depends on the task. Classification uses DGL's ``mlp-sr`` network
-(:class:`MLPSRClassifierAux`); another task plugs its own in by adding a builder to
-:attr:`DGL.aux_builders` under the task's name.
+The auxiliary network depends on the task, so the task provides it: its plugin offers
+``dgl`` an ``"aux"`` builder (:mod:`fba.tasks.plugin`). DGL's own ``mlp-sr`` classifier
+(:class:`MLPSRClassifierAux`) lives here, for the tasks that choose it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def classifier_num_classes(model: UnitModel, method: str) -> int:
     """
     fc = getattr(model.head, "fc", None)
     if not isinstance(fc, nn.Linear):
-        raise ValueError(f"{method} builds classification auxiliary networks, but the model's head "
+        raise ValueError(f"{method} builds classifier auxiliary networks, but the model's head "
                          f"({type(model.head).__name__}) is not a classifier with a linear 'fc' layer")
     return fc.out_features
 
@@ -66,20 +66,7 @@ class MLPSRClassifierAux(nn.Module):
         return self.fc(self.mlp(z))
 
 
-def build_mlp_sr_classifier_aux(ctx: BuildContext, k: int) -> nn.Module:
-    """DGL's classification auxiliary network for module k (sized to its output channels)."""
-    return MLPSRClassifierAux(ctx.last_spec(k).out_channels, classifier_num_classes(ctx.model, "dgl"))
-
-
-def build_conv_reconstruction_aux(ctx: BuildContext, k: int) -> nn.Module:
-    """DGL's super-resolution auxiliary network for module k: two conv3x3-ReLU and a fresh
-    reconstruction tail, and no bank (the early map is what FBA adds)."""
-    from fba.tasks.super_resolution.local import ConvReconstructionAux
-
-    return ConvReconstructionAux(ctx.last_spec(k).out_channels, ctx.model.make_head(ctx.last_spec(k).out_channels))
-
-
-#: ``(ctx, k) -> auxiliary network of module k``
+#: ``(ctx, k) -> auxiliary network of module k``, what a task offers as DGL's ``"aux"`` part
 AuxBuilder = Callable[[BuildContext, int], nn.Module]
 
 
@@ -87,22 +74,20 @@ AuxBuilder = Callable[[BuildContext, int], nn.Module]
 class DGL(LocalMethod):
     """Decoupled Greedy Learning: a task-specific aux net per module, the task's own loss.
 
-    No hyperparameters of its own: the auxiliary network is fixed by the task (see
-    :attr:`aux_builders`) and the loss is the task's loss.
+    No hyperparameters of its own: the auxiliary network is the task's (its ``"aux"`` part
+    for ``dgl``) and the loss is the task's loss.
     """
 
     name = "dgl"
     default_step = "per_module"
-    #: task name -> builder of module k's auxiliary network. A task adds its entry here
-    #: (e.g. ``DGL.aux_builders["super_resolution"] = build_sr_aux``).
-    aux_builders: dict[str, AuxBuilder] = {"classification": build_mlp_sr_classifier_aux,
-                                           "super_resolution": build_conv_reconstruction_aux}
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
         if ctx.K == 1:
             return []
-        builder = self.aux_builders.get(ctx.task.name)
+        builder: AuxBuilder | None = ctx.task_part(self.name, "aux")
         if builder is None:
+            from fba.tasks import tasks_offering
+
             raise ValueError(f"dgl has no auxiliary network for task {ctx.task.name!r}; "
-                             f"available for: {', '.join(sorted(self.aux_builders))}")
+                             f"available for: {', '.join(tasks_offering(self.name, 'aux'))}")
         return [builder(ctx, k) for k in range(ctx.K - 1)]

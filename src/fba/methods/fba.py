@@ -14,11 +14,16 @@ The auxiliary network of module k is
   With ``usage="target"`` the bank features are not fed in; instead the auxiliary
   network's pooled features are pulled towards them (cosine loss, weight ``target_weight``),
   so a deep feature guides the module without handing its head the answer.
+
+These SLMs and the :class:`~fba.engine.bank.FeatureBank` of ``task.summarize`` vectors are
+task-agnostic. A task whose SLM or bank takes another shape (super-resolution's early
+full-resolution map) offers FBA its own ``"aux_nets"`` and ``"bank"`` parts, and they are
+built from this method's options (:mod:`fba.tasks.plugin`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -100,20 +105,36 @@ class FBA(LocalMethod):
         self.bank_storage = bank_storage
         self.bank_dtype = getattr(torch, bank_dtype)
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FBA":
+        opts, bank = config["fba"], config["fba"]["bank"]
+        return cls(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
+                   bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
+                   bank_storage=bank["storage"], bank_dtype=bank["dtype"])
+
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
         if self.bank_source == "none" or ctx.K == 1:
             return None
-        if ctx.task.name == "super_resolution":
-            from fba.tasks.super_resolution.local import EarlyMapBank
-
-            return EarlyMapBank(ctx.model.early_map)  # type: ignore[return-value]
+        task_bank = ctx.task_part(self.name, "bank")
+        if task_bank is not None:  # e.g. a bank of whole maps rather than summaries
+            return task_bank(self, ctx)
         return FeatureBank(self.bank_source, ctx.module_channels, ctx.module_stages, ctx.task.summarize, num_samples=ctx.num_samples,
                            storage_device=self.bank_storage if self.bank_storage == "cpu" else ctx.extra.get("device", "cpu"),
                            storage_dtype=self.bank_dtype)
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
-        if ctx.task.name == "super_resolution":
-            return self._build_sr_aux_nets(ctx)
+        """K-1 SLMs: the task's own when it offers ``"aux_nets"``, else the task-agnostic ones."""
+        task_slms = ctx.task_part(self.name, "aux_nets")
+        if task_slms is not None:
+            return task_slms(self, ctx)
+        return self.build_generic_aux_nets(ctx)
+
+    def build_generic_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
+        """Stage-tail block, light fusion or a feature-matching projection, and the task's head.
+
+        Module k's SLM maps ``(N, C_k, H_k, W_k)`` (and the bank's read for k) to the task
+        head's output; ``task.summarize`` gives the vectors the bank and the matching use.
+        """
         module_channels, module_stages = ctx.module_channels, ctx.module_stages
         head_channels = ctx.model.specs[-1].out_channels
         nets = []
@@ -134,32 +155,6 @@ class FBA(LocalMethod):
             else:
                 head, adapter = ctx.model.make_head(channels), None
             nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter, ctx.task.summarize))
-        return nets
-
-    def _build_sr_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
-        """SLMs for SR (paper Fig. 4): fresh ResBlock + early map from the bank + reconstruction tail."""
-        from fba.tasks.super_resolution.local import SRLocalModule
-
-        if self.bank_source not in ("none", "inpass") or (self.bank_source == "inpass" and self.bank_usage != "input"):
-            raise ValueError("the super-resolution bank is the early full-resolution map of the current batch, "
-                             "fused as input: use fba.bank.source=inpass (or none) with fba.bank.usage=input")
-        features = ctx.model.specs[-1].out_channels
-        early_channels = ctx.model.specs[0].out_channels
-        nets = []
-        for k in range(ctx.K - 1):
-            spec = ctx.last_spec(k)
-            channels = max(1, spec.out_channels // self.reduction)
-            block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, spec.out_channels)
-            # Channel reduction narrows what the SLM's tail upsamples: its full-resolution maps
-            # are the SLM's largest tensors, so they set its memory.
-            narrow = nn.Conv2d(spec.out_channels, channels, 1) if channels != spec.out_channels else None
-            early_proj = nn.Conv2d(early_channels, channels, 1) if self.bank_source != "none" and channels != early_channels else None
-            if self.share_head:
-                tail = ctx.model.head
-                adapter = nn.Conv2d(channels, features, 1) if channels != features else None
-            else:
-                tail, adapter = ctx.model.make_head(channels), None
-            nets.append(SRLocalModule(block, tail, narrow=narrow, adapter=adapter, early_proj=early_proj))
         return nets
 
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:

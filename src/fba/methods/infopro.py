@@ -15,6 +15,8 @@ plain cross-entropy. One optimizer step per training step (``default_step = "glo
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -136,6 +138,12 @@ class InfoPro(LocalMethod):
         self.temperature = temperature
         self.K = 1
         self._target_images: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "InfoPro":
+        opts = config["infopro"]
+        return cls(mode=opts["mode"], weights_first=tuple(opts["weights_first"]),
+                   weights_last=tuple(opts["weights_last"]), temperature=opts["temperature"])
 
     def loss_weights(self, k: int, K: int | None = None) -> tuple[float, float]:
         """``(lambda1, lambda2)`` of module k out of K (the bound K by default).

@@ -13,6 +13,8 @@ each module's backward (``default_step = "per_module"``), as in the reference.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -94,6 +96,10 @@ class PredSim(LocalMethod):
             raise ValueError(f"predsim.hidden_dim must be >= 1, got {hidden_dim}")
         self.beta = beta
         self.hidden_dim = hidden_dim
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "PredSim":
+        return cls(beta=config["predsim"]["beta"])
 
     def build_aux_nets(self, ctx: BuildContext) -> list[nn.Module]:
         if ctx.K == 1:

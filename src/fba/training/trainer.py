@@ -17,16 +17,15 @@ from fba.build import build_datasets, build_learner, resolve_device
 from fba.config import dump_yaml, load_yaml, resolve_config
 from fba.distributed import barrier, device_for, distribute, setup_from_env
 from fba.errors import FBAError, NonFiniteLossError
+from fba.tasks import get_task
 from fba.training.checkpoint import STATE, WEIGHTS, checkpoint_must_fit, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
 
 
-def describe_metrics(metrics: Mapping[str, Any]) -> str:
-    """One human phrase for a task's evaluation metrics."""
-    if "psnr" in metrics:
-        return (f"PSNR {metrics['psnr']:.2f} dB (bicubic {metrics['psnr_bicubic']:.2f}), "
-                f"SSIM {metrics['ssim']:.4f}")
-    return f"test top-1 {metrics['top1']:.4f}"
+def describe_metrics(metrics: Mapping[str, Any], task: str | None = None) -> str:
+    """One human phrase for a task's evaluation metrics; ``task`` defaults to ``metrics["task"]``
+    (a run summary names its task)."""
+    return get_task(task or metrics["task"]).describe_metrics(metrics)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -150,7 +149,7 @@ class Trainer:
                 if main and (epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs):
                     metrics = self.learner.task.evaluate(self.learner, self.loader(False), self.device)
                     row.update({k: v for k, v in metrics.items() if k != "loss"}, test_loss=metrics["loss"])
-                    self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, {describe_metrics(metrics)}, {row['seconds']:.1f}s")
+                    self.log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, {describe_metrics(metrics, self.cfg['task'])}, {row['seconds']:.1f}s")
                 records.add_epoch(row)
                 if main:
                     self._checkpoint(epoch, records.rows)
@@ -245,8 +244,8 @@ class Trainer:
         timed = [r["seconds"] for r in self.rows]
         evaluated = next((r for r in reversed(self.rows) if "test_loss" in r), {})
         metrics = {k: v for k, v in evaluated.items() if k not in ("epoch", "train_loss", "lr", "seconds")}
-        if self.learner.task.name == "classification":
-            metrics.setdefault("top1", None)
+        # Reports and ``fba compare`` read the primary metric of every run, evaluated or not.
+        metrics.setdefault(get_task(self.cfg["task"]).primary_metric, None)
         return {
             "run_dir": str(self.run_dir),
             "task": self.cfg["task"],

@@ -6,13 +6,22 @@
 - :class:`EarlyMapBank` is the SR bank: the head conv's map of the current batch, detached.
 - :class:`ConvReconstructionAux` is DGL's auxiliary network adapted to SR: a few plain
   convolutions and a reconstruction tail, with no bank.
+
+The ``build_*`` functions at the end are what this task offers each method (registered in
+``plugin.py``): FBA's SLMs and bank, DGL's auxiliary network.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from fba.tasks.super_resolution.models import EarlyMap
+
+if TYPE_CHECKING:
+    from fba.methods.base import BuildContext
+    from fba.methods.fba import FBA
 
 
 class SRLocalModule(nn.Module):
@@ -104,3 +113,48 @@ class ConvReconstructionAux(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.tail(self.body(h))
+
+
+# --------------------------------------------------------------------------- offered to methods
+
+def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
+    """FBA's K-1 SLMs for SR (paper Fig. 4): fresh ResBlock + early map from the bank + reconstruction tail.
+
+    Module k's SLM maps ``(N, F, h, w)`` (and the early map ``(N, F0, h, w)``) to ``(N, 3, h*s, w*s)``.
+
+    Raises:
+        ValueError: a bank source or usage other than the early map fused as input.
+    """
+    if method.bank_source not in ("none", "inpass") or (method.bank_source == "inpass" and method.bank_usage != "input"):
+        raise ValueError("the super-resolution bank is the early full-resolution map of the current batch, "
+                         "fused as input: use fba.bank.source=inpass (or none) with fba.bank.usage=input")
+    features = ctx.model.specs[-1].out_channels
+    early_channels = ctx.model.specs[0].out_channels
+    nets: list[nn.Module] = []
+    for k in range(ctx.K - 1):
+        spec = ctx.last_spec(k)
+        channels = max(1, spec.out_channels // method.reduction)
+        block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, spec.out_channels)
+        # Channel reduction narrows what the SLM's tail upsamples: its full-resolution maps
+        # are the SLM's largest tensors, so they set its memory.
+        narrow = nn.Conv2d(spec.out_channels, channels, 1) if channels != spec.out_channels else None
+        early_proj = nn.Conv2d(early_channels, channels, 1) if method.bank_source != "none" and channels != early_channels else None
+        if method.share_head:
+            tail = ctx.model.head
+            adapter = nn.Conv2d(channels, features, 1) if channels != features else None
+        else:
+            tail, adapter = ctx.model.make_head(channels), None
+        nets.append(SRLocalModule(block, tail, narrow=narrow, adapter=adapter, early_proj=early_proj))
+    return nets
+
+
+def build_fba_bank(method: "FBA", ctx: "BuildContext") -> EarlyMapBank:
+    """FBA's bank for SR: the early map the model's head unit records (FBA asks only when it has a bank)."""
+    return EarlyMapBank(ctx.model.early_map)  # type: ignore[attr-defined]
+
+
+def build_dgl_aux(ctx: "BuildContext", k: int) -> nn.Module:
+    """DGL's auxiliary network for module k: two conv3x3-ReLU and a fresh reconstruction tail,
+    ``(N, F, h, w) -> (N, 3, h*s, w*s)``, and no bank (the early map is what FBA adds)."""
+    channels = ctx.last_spec(k).out_channels
+    return ConvReconstructionAux(channels, ctx.model.make_head(channels))
