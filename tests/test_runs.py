@@ -85,3 +85,45 @@ def test_longterm_bank_gathers_the_batch_rows_once_per_step():
     assert len(reads) == learner.K - 1
     assert all(r[0] is reads[0][0] and r[1] is reads[0][1] for r in reads), "one gather for the K-1 reads"
     assert bool(reads[0][1].all())
+
+
+def _imagenet_folder(root):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, cls in enumerate(("n01", "n02", "n03")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = np.full((40, 50, 3), 60 * label + 20 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.JPEG")
+
+
+def test_export_and_eval_after_the_data_folder_is_gone(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fba.cli import _learner_from_run, main
+
+    data = tmp_path / "imagenet"
+    _imagenet_folder(data)
+    assert main(["train", "model=resnet8", "K=4", "data.name=imagenet", f"data.root={data}", "data.image_size=32",
+                 "data.batch_size=3", "train.epochs=1", "train.progress=false", f"train.runs_dir={tmp_path / 'runs'}",
+                 "--json"]) == 0
+    run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_dir"]
+    _, trained, _, _ = _learner_from_run(run, [])
+    shutil.rmtree(data)
+
+    _, learner, _, info = _learner_from_run(run, [], need_data=False)
+    assert learner.bank is None and len(learner.aux_nets) == 0  # inference builds no training-only parts
+    assert info.num_classes == 3 and info.in_channels == 3
+    assert main(["export", run, "--out", str(tmp_path / "model.safetensors"), "--json"]) == 0
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert exported.keys() == trained.plain.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in trained.plain.state_dict().items())
+
+    capsys.readouterr()
+    assert main(["eval", run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fba: error: evaluating needs the test split of 'imagenet'") and len(err.splitlines()) == 1

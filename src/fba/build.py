@@ -108,8 +108,22 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
         return _build_learner(cfg, num_classes, in_channels, num_samples, total_steps, steps_per_epoch)
 
 
+def build_inference_learner(config: Mapping[str, Any], num_classes: int | None = None, in_channels: int | None = None):
+    """The config's network for inference (export, evaluation): one module and the head.
+
+    It builds neither auxiliary networks nor a bank, whatever the config's method, and reads
+    no ``init_from``: load the trained weights with ``learner.load_model_weights``.
+    """
+    from fba.methods.base import InferenceOnly
+
+    cfg = resolve_config(dict(config), {"init_from": None})
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg["seed"])
+        return _build_learner(cfg, num_classes, in_channels, None, None, None, method=InferenceOnly())
+
+
 def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: int | None, num_samples: int | None,
-                   total_steps: int | None, steps_per_epoch: int | None):
+                   total_steps: int | None, steps_per_epoch: int | None, method: Any = None):
     from fba.engine.learner import LocalLearner
     from fba.engine.partition import partition_units
     from fba.methods.base import BuildContext
@@ -118,7 +132,7 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     if cfg["precision"] == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'precision': fp16 needs CUDA (its grad scaler); use bf16 or fp32 on CPU")
     task = build_task(cfg)
-    method = build_method(cfg)
+    method = method or build_method(cfg)
     model = build_model(cfg, num_classes or 10, in_channels or 3)
     if cfg["init_from"]:
         from fba.training.checkpoint import init_from_checkpoint

@@ -98,25 +98,38 @@ def _run_dir_and_weights(path: str) -> tuple[Path, Path]:
 
 
 def _learner_from_run(path: str, overrides: list[str], need_data: bool = True):
-    from fba.build import build_datasets, build_learner
-    from fba.config import load_yaml, resolve_config
-    from fba.tasks import get_task
-    from fba.training.checkpoint import checkpoint_must_fit, load_weights
+    """A run's trained network for inference, its config, and (when ``need_data``) its test split.
 
-    run_dir, weights = _run_dir_and_weights(path)
+    The network is built from the data facts saved with the checkpoint, so exporting needs
+    no dataset; runs saved before those facts existed read them from the dataset.
+    """
+    from types import SimpleNamespace
+
+    from fba.build import build_datasets, build_inference_learner
+    from fba.config import load_yaml, resolve_config
+    from fba.errors import DataError
+    from fba.tasks import get_task
+    from fba.training.checkpoint import checkpoint_must_fit, load_weights_and_data_facts
+
+    run_dir, weights_path = _run_dir_and_weights(path)
     cfg = resolve_config(load_yaml(run_dir / "config.yaml"), overrides)
-    cfg["init_from"] = None  # the checkpoint below holds every weight
-    # Running the model on a folder of images needs no dataset, where the task can tell the
-    # data's shape facts from the config alone.
-    info = None if need_data else get_task(cfg["task"]).offline_data_info(cfg)
-    if info is None:
-        train_set, test_set, info = build_datasets(cfg)
-    else:
-        test_set = None
-    learner = build_learner(cfg, num_classes=getattr(info, "num_classes", None), in_channels=info.in_channels,
-                            num_samples=info.num_train or None)
-    with checkpoint_must_fit(weights):
-        learner.load_weights(load_weights(weights))
+    weights, facts = load_weights_and_data_facts(weights_path)
+    info = SimpleNamespace(**facts) if facts else None
+    test_set = None
+    if need_data:
+        try:
+            _, test_set, data_info = build_datasets(cfg)
+        except DataError as error:
+            raise DataError(f"evaluating needs the test split of {cfg['data']['name']!r} (give data.root=... if "
+                            f"it moved): {error}") from None
+        info = info or data_info
+    elif info is None:
+        # Running the model on a folder of images needs no dataset, where the task can tell the
+        # data's shape facts from the config alone.
+        info = get_task(cfg["task"]).offline_data_info(cfg) or build_datasets(cfg)[2]
+    learner = build_inference_learner(cfg, num_classes=getattr(info, "num_classes", None), in_channels=info.in_channels)
+    with checkpoint_must_fit(weights_path):
+        learner.load_model_weights(weights)
     return cfg, learner, test_set, info
 
 
@@ -137,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from fba.tasks import get_task
 
-    cfg, learner, _, info = _learner_from_run(args.run, [])
+    cfg, learner, _, info = _learner_from_run(args.run, [], need_data=False)
     model = learner.export()
     out = Path(args.out) if args.out else _run_dir_and_weights(args.run)[0] / "export" / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -311,6 +311,11 @@ class LocalLearner(nn.Module):
         self._plain.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
         self.aux_nets.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("aux.")}, strict=False)
 
+    def load_model_weights(self, state: dict[str, Tensor]) -> None:
+        """Load only the inference model's weights (``model.*``, every one of them) from
+        :meth:`weights`; the auxiliary networks' are ignored (e.g. for export or evaluation)."""
+        self._plain.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+
     def training_state(self) -> dict[str, Any]:
         """Everything besides weights that a resumed run needs."""
         return {

@@ -108,3 +108,15 @@ class LocalMethod:
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
         """Loss of module k (k < K-1) from its output ``h`` (attached to module k's graph)."""
         return self.task.loss(aux(h), targets)
+
+
+class InferenceOnly(LocalMethod):
+    """The trained network as inference uses it: the whole backbone as one module, then the head.
+
+    No auxiliary network and no bank: inference never uses them, and a long-term bank would
+    be sized to a training set that an exported or evaluated run may no longer have. Not a
+    training method (it is not registered); :func:`fba.build.build_inference_learner` uses it.
+    """
+
+    name = "inference"
+    end_to_end = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,13 +32,24 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], epoch: int) -> None:
-    """Write weights, then state; both carry the epoch so a torn pair is detected on load."""
+DATA_FACTS = "data_facts"
+
+
+def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], epoch: int,
+                    data_facts: dict[str, int] | None = None) -> None:
+    """Write weights, then state; both carry the epoch so a torn pair is detected on load.
+
+    ``data_facts`` (``in_channels``, ``num_classes``, ...) are the shape facts the model was
+    built from. They go into the weights' metadata, so that exporting or evaluating the run
+    later rebuilds the model without reading its dataset, which may have moved.
+    """
     from safetensors.torch import save_file
 
     state = {**state, "epoch": epoch}
-    atomic_write(folder / WEIGHTS, lambda p: save_file({k: v.cpu() for k, v in weights.items()}, p,
-                                                        metadata={"epoch": str(epoch)}))
+    metadata = {"epoch": str(epoch)}
+    if data_facts:
+        metadata[DATA_FACTS] = json.dumps(data_facts)
+    atomic_write(folder / WEIGHTS, lambda p: save_file({k: v.cpu() for k, v in weights.items()}, p, metadata=metadata))
     atomic_write(folder / STATE, lambda p: torch.save(state, p))
 
 
@@ -54,6 +66,16 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(path)[0]
+
+
+def load_weights_and_data_facts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+    """A checkpoint's weights and the data facts saved with them (None for older runs)."""
+    weights, metadata = _read_safetensors(path)
+    facts = metadata.get(DATA_FACTS)
+    try:
+        return weights, (json.loads(facts) if facts else None)
+    except json.JSONDecodeError:
+        raise DataError(f"checkpoint {str(path)!r} has corrupt metadata {DATA_FACTS!r}: {facts[:80]!r}") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

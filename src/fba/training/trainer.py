@@ -238,7 +238,12 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, rows: list[dict[str, Any]]) -> None:
         state = {"rows": rows, "learner": self.learner.training_state(), "peak_memory_bytes": self.peak_memory_bytes}
-        save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state, epoch)
+        save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state, epoch, data_facts=self.data_facts())
+
+    def data_facts(self) -> dict[str, int]:
+        """The shape facts of the data that the model was built from (saved with its weights)."""
+        return {key: getattr(self.info, key) for key in ("in_channels", "num_classes", "num_train")
+                if isinstance(getattr(self.info, key, None), int)}
 
     def summary(self) -> dict[str, Any]:
         timed = [r["seconds"] for r in self.rows]
