@@ -91,8 +91,11 @@ def test_K1_fba_and_bp_checkpoint_equal_bp():
         ref.plain.load_state_dict(bp.plain.state_dict())
         for _ in range(2):
             assert other.train_step(lr, hr)["loss"] == ref.train_step(lr, hr)["loss"]
+        # bp_checkpoint runs the tail in batch chunks: its weight gradients are sums of the
+        # chunks' sums, a reordered reduction.
+        atol = 1e-6 if method == "bp_checkpoint" else 1e-7
         for p, q in zip(other.plain.parameters(), ref.plain.parameters()):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=0, atol=atol)
 
 
 def test_sr_local_module_is_a_resblock_and_a_reconstruction_tail():

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from fba.config import resolve_config
+from fba.engine.checkpointing import CheckpointedUnits, checkpoint_per_sample_modules
 from fba.errors import ConfigError, FBAError
 from fba.tasks import get_task
 
@@ -153,7 +154,15 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     step_mode = cfg["optim"]["step"]
     if step_mode == "auto":
         step_mode = method.default_step
-    modules = [method.module_from_units([model.units[i] for i in group]) for group in groups]
+    # checkpoint=true: each module keeps only its units' inputs and recomputes the rest in its
+    # backward, so a module's activations shrink to its unit boundaries plus one unit's.
+    checkpointing = cfg["checkpoint"] or method.checkpoints_activations
+    make_module = (lambda units: CheckpointedUnits(*units)) if checkpointing else method.module_from_units
+    modules = [make_module([model.units[i] for i in group]) for group in groups]
+    if checkpointing:  # and the per-sample heads (SR tails), in the auxiliary networks too
+        checkpoint_per_sample_modules(model.head)
+        for aux in aux_nets:
+            checkpoint_per_sample_modules(aux)
     model.plain.to(device)
     for aux in aux_nets:
         aux.to(device)
@@ -168,6 +177,9 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
         raise FBAError(f"method {cfg['method']!r} on {cfg['model']!r}: {error}") from None
     learner.config = cfg
     learner.groups = groups
+    # State that crosses module boundaries outside the activations (EDSR's global skip):
+    # modules in different processes would not see it.
+    learner.shares_state_across_units = model.set_partition is not None
     return learner
 
 

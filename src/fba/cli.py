@@ -174,7 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fba.engine.partition import partition_units
     from fba.methods import get_method
 
-    if any(not get_method(m).end_to_end for m in methods):  # fail before measuring anything
+    names = [runner.parse_method_spec(m)[0] for m in methods]  # options are checked here too
+    if any(not get_method(m).end_to_end for m in names):  # fail before measuring anything
         partition_units(build_model(cfg, args.num_classes, args.in_channels).specs, cfg["K"],
                         cfg["partition"], cfg["cuts"])
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
@@ -273,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure peak training memory or step time of several methods side by side")
     p.add_argument("what", choices=["memory", "time"])
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="model=..., K=..., fba.* options")
-    p.add_argument("--methods", default="bp,bp_checkpoint,fba", help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--methods", default="bp,bp_checkpoint,fba",
+                   help="comma-separated methods; METHOD+checkpoint adds checkpoint=true to that row, METHOD+ddp and "
+                        "METHOD+pipeline run it in 2 processes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default: %(default)s)")
     p.add_argument("--in-channels", type=int, default=3, help="default: %(default)s")

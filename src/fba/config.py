@@ -33,8 +33,16 @@ _CORE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "precision": "fp32",
+    # Activation checkpointing inside each local module (any method): less memory than both
+    # plain local learning and bp_checkpoint, for one recomputed forward (docs/scaling.md).
+    "checkpoint": False,
     "resume": None,
     "init_from": None,
+    "distributed": {
+        # "ddp": every process a replica (torchrun); "pipeline": each process owns a
+        # contiguous group of modules and passes activations on (docs/scaling.md).
+        "mode": "ddp",
+    },
     "data": {
         "name": "digits",
         "root": "./data",
@@ -100,6 +108,8 @@ _CORE_RULES: dict[str, Rule] = {
     "seed": rules.seed,
     "device": rules.device,
     "precision": ("fp32", "bf16", "fp16"),
+    "checkpoint": rules.boolean,
+    "distributed.mode": ("ddp", "pipeline"),
     "resume": rules.optional_str,
     "init_from": rules.optional_str,
     "data.name": rules.string,

@@ -27,9 +27,48 @@ def _synthetic_batch(cfg: Mapping[str, Any], batch_size: int, in_channels: int, 
     return inputs, targets, indices
 
 
-def _learner(cfg: Mapping[str, Any], method: str, num_classes: int, in_channels: int, num_samples: int):
+#: row options: ``fba+checkpoint`` is ``fba`` with ``checkpoint=true``; ``fba+ddp`` and
+#: ``fba+pipeline`` run it in 2 processes (:mod:`fba.bench.multiprocess`)
+ROW_OPTIONS: dict[str, dict[str, Any]] = {"checkpoint": {"checkpoint": True}}
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any], str | None]:
+    """``"fba+checkpoint+pipeline"`` -> ``("fba", {"checkpoint": True}, "pipeline")``."""
+    from fba.bench.multiprocess import MODES
+    from fba.errors import ConfigError
+
+    name, *options = spec.split("+")
+    overrides: dict[str, Any] = {}
+    mode = None
+    for option in options:
+        if option in MODES and mode is None:
+            mode = option
+        elif option in ROW_OPTIONS:
+            overrides.update(ROW_OPTIONS[option])
+        else:
+            raise ConfigError(f"--methods {spec!r}: unknown row option {option!r} "
+                              f"(known: {', '.join([*ROW_OPTIONS, *MODES])}, one mode per row)")
+    return name, overrides, mode
+
+
+def _learner(cfg: Mapping[str, Any], spec: str, num_classes: int, in_channels: int, num_samples: int):
+    method, overrides, _ = parse_method_spec(spec)
     return build_learner(dict(cfg), method=method, num_classes=num_classes, in_channels=in_channels,
-                         num_samples=num_samples)
+                         num_samples=num_samples, **overrides)
+
+
+def _distributed_row(cfg, spec: str, what: str, **measure: Any) -> dict[str, Any] | None:
+    """The row of a multi-process spec (``fba+ddp``), or None for a single-process one."""
+    from fba.bench.multiprocess import measure_distributed
+
+    method, overrides, mode = parse_method_spec(spec)
+    if mode is None:
+        return None
+    row = measure_distributed(cfg, method, overrides, mode, what, **measure)
+    from fba.methods import get_method
+
+    return {"method": spec, "model": cfg["model"], "K": 1 if get_method(method).end_to_end else cfg["K"],
+            "batch_size": measure["batch_size"], "input_size": measure["input_size"], **row}
 
 
 def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int, input_size: int,
@@ -45,6 +84,11 @@ def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: i
     rows = []
     for method in methods:
         progress(f"memory: {method} ...")
+        row = _distributed_row(cfg, method, "memory", batch_size=batch_size, input_size=input_size,
+                               in_channels=in_channels, num_classes=num_classes, num_samples=num_samples, steps=steps)
+        if row is not None:
+            rows.append(row)
+            continue
         learner = _learner(cfg, method, num_classes, in_channels, num_samples)
         images, labels, indices = _synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes, num_samples, device)
         bank = learner.bank
@@ -77,6 +121,12 @@ def measure_time(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: int
     rows = []
     for method in methods:
         progress(f"time: {method} ...")
+        row = _distributed_row(cfg, method, "time", batch_size=batch_size, input_size=input_size,
+                               in_channels=in_channels, num_classes=num_classes, num_samples=num_samples,
+                               steps=steps, warmup=warmup)
+        if row is not None:
+            rows.append(row)
+            continue
         learner = _learner(cfg, method, num_classes, in_channels, num_samples)
         images, labels, indices = _synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes, num_samples, device)
         for _ in range(warmup):

@@ -161,18 +161,42 @@ class FeatureBank:
         Distributed, every process commits every process's entries, so all hold the same
         full table: a sample's next visit is usually on another process.
         """
-        if self._longterm_active and self._step:
-            assert self.table is not None and self.filled is not None and self._indices is not None
-            idx = self._indices
-            last = self._step[len(self.module_channels) - 1]
+        entries = self.step_entries()
+        if entries is not None:
+            idx, last = entries
             if self.collectives is not None:
-                idx = self.collectives.gather_rows(idx.to(last.device)).to(self.table.device)
+                idx = self.collectives.gather_rows(idx.to(last.device))
                 last = self.collectives.gather_rows(last)
-                self._ensure_rows(int(idx.max()) + 1)
-            self.table[idx] = last.to(self.table.device, self.table.dtype)
-            self.filled[idx] = True
+            self.commit(idx, last)
         self._step.clear()
         self._rows = None
+
+    def step_entries(self) -> tuple[Tensor, Tensor] | None:
+        """This step's long-term entries: ``(indices (N,), last-module summaries (N, C))``, if any.
+
+        Only the process that runs the last module has them (a pipeline's last stage).
+        """
+        last = len(self.module_channels) - 1
+        if self._longterm_active and last in self._step:
+            assert self._indices is not None
+            return self._indices, self._step[last]
+        return None
+
+    def commit(self, indices: Tensor, summaries: Tensor) -> None:
+        """Write long-term rows: ``summaries (N, C)`` of the samples ``indices (N,)``."""
+        assert self.table is not None and self.filled is not None
+        indices = indices.to(self.table.device)
+        self._ensure_rows(int(indices.max()) + 1)
+        self.table[indices] = summaries.to(self.table.device, self.table.dtype)
+        self.filled[indices] = True
+
+    def step_features(self) -> dict[int, Tensor]:
+        """The in-pass summaries written so far this step (module index -> ``(N, C_k)``)."""
+        return dict(self._step) if self.source == "inpass" else {}
+
+    def load_step_features(self, features: dict[int, Tensor]) -> None:
+        """Take in-pass summaries that earlier modules wrote in another process this step."""
+        self._step.update(features)
 
     def _ensure_rows(self, rows: int) -> None:
         assert self.table is not None and self.filled is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from fba.engine.bank import FeatureBank
 from fba.engine.bn import frozen_bn_statistics
+from fba.engine.checkpointing import PerSampleModule
 from fba.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -28,6 +30,24 @@ class Collectives(Protocol):
     def gather_rows(self, t: Tensor) -> Tensor:
         """Concatenate every process's ``t`` along dim 0, in rank order (sizes may differ)."""
         ...
+
+
+@dataclass
+class PartialStep:
+    """What :meth:`LocalLearner.train_modules` hands on.
+
+    Attributes:
+        output: the last trained module's output, detached.
+        losses: ``{"loss", "lr", "loss/k"}`` as :meth:`LocalLearner.train_step` returns.
+        bank_features: the in-pass bank summaries of this step (module -> ``(N, C_k)``).
+        bank_entries: the long-term entries of this step ``(indices, summaries)``, where the
+            last module ran here.
+    """
+
+    output: Tensor
+    losses: dict[str, float]
+    bank_features: dict[int, Tensor]
+    bank_entries: tuple[Tensor, Tensor] | None
 
 
 class LocalUnit(nn.Module):
@@ -168,24 +188,43 @@ class LocalLearner(nn.Module):
         Returns:
             ``{"loss": last module's task loss, "loss/k": each module's loss, "lr": lr}``.
         """
+        return self.train_modules(range(self.K), inputs, inputs, targets, indices).losses
+
+    def train_modules(self, modules: range, inputs: Tensor, h: Tensor, targets: Any,
+                      indices: Tensor | None = None, bank_features: dict[int, Tensor] | None = None) -> "PartialStep":
+        """The local step restricted to a contiguous range of modules, fed ``h``.
+
+        ``train_step`` is the whole range, fed the inputs. A pipeline stage runs its own
+        range on the activations it received (``inputs`` is still the step's input batch,
+        which some methods' losses read); only per-module stepping can be split so, because
+        then each module's update depends on its own loss alone.
+
+        Args:
+            bank_features: in-pass bank summaries that earlier modules wrote this step in
+                another process (module index -> ``(N, C_k)``).
+        """
+        if len(modules) != self.K and self.step_mode != "per_module":
+            raise ValueError("training a subset of the modules needs optim.step=per_module")
         self.train()
         per_module = self.step_mode == "per_module"
-        for opt in self.optimizers:
+        optimizers = [self.optimizers[k] for k in modules] if per_module else self.optimizers
+        for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.method.begin_step(inputs.detach(), targets)
         if self.bank is not None:
             self.bank.begin_step(indices)
             if self.bank.needs_lookahead:
                 self._lookahead(inputs)
+            if bank_features:
+                self.bank.load_step_features(bank_features)
 
         losses: list[Tensor] = []
-        h = inputs
-        for k, unit in enumerate(self.units):
+        for k in modules:
             with self._autocast():
-                h, loss = unit(h.detach(), targets)
+                h, loss = self.units[k](h.detach(), targets)
             losses.append(loss.detach())
             if per_module:
-                self._raise_if_not_finite(losses, first=k)
+                self._raise_if_not_finite(losses, first=len(losses) - 1, offset=modules.start)
             self._backward(loss)
             if per_module:
                 self._step(self.optimizers[k])
@@ -197,17 +236,21 @@ class LocalLearner(nn.Module):
             self._step(self.optimizers[0])
         if self.scaler is not None:
             self.scaler.update()
+        features: dict[int, Tensor] = {}
+        entries = None
         if self.bank is not None:
+            features, entries = self.bank.step_features(), self.bank.step_entries()
             self.bank.end_step()
-        lr = self.optimizers[0].param_groups[0]["lr"]  # the rate this step used
-        for scheduler in self.schedulers:
+        lr = optimizers[0].param_groups[0]["lr"]  # the rate this step used
+        schedulers = [self.schedulers[k] for k in modules] if per_module and self.schedulers else self.schedulers
+        for scheduler in schedulers:
             scheduler.step()
         self.global_step += 1
 
         values = torch.stack(losses).float().cpu().tolist()
         out = {"loss": values[-1], "lr": lr}
-        out.update({f"loss/{k}": v for k, v in enumerate(values)})
-        return out
+        out.update({f"loss/{k}": v for k, v in zip(modules, values)})
+        return PartialStep(h, out, features, entries)
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module], collectives: Collectives) -> None:
         """Wrap every local unit (e.g. in DDP) so that each averages its own gradients.
@@ -215,18 +258,22 @@ class LocalLearner(nn.Module):
         ``collectives`` lets the processes agree: the long-term bank gathers every process's
         entries, and a non-finite loss on one process stops all of them at the same point.
         """
-        owner: dict[int, int] = {}
-        for k, unit in enumerate(self.units):
-            for p in unit.parameters():
-                if owner.setdefault(id(p), k) != k:
-                    raise ValueError(f"a parameter is shared by local units {owner[id(p)]} and {k}; each unit "
-                                     "averages its own gradients, so a shared one cannot be averaged (with "
-                                     "fba.share_head=true, train in one process or set it to false)")
+        self.check_units_own_their_parameters("each unit averages its own gradients, so a shared one cannot "
+                                              "be averaged")
         self.units = [wrap(unit) for unit in self.units]
         self.world_size = collectives.world_size
         self.collectives = collectives
         if self.bank is not None:
             self.bank.collectives = collectives
+
+    def check_units_own_their_parameters(self, why: str) -> None:
+        """Raise ValueError if a parameter belongs to two local units (``why`` says why that matters)."""
+        owner: dict[int, int] = {}
+        for k, unit in enumerate(self.units):
+            for p in unit.parameters():
+                if owner.setdefault(id(p), k) != k:
+                    raise ValueError(f"a parameter is shared by local units {owner[id(p)]} and {k}; {why} (with "
+                                     "fba.share_head=true, train in one process or set it to false)")
 
     def undistribute(self) -> None:
         """Drop the DDP wrappers (before the process group goes away)."""
@@ -236,7 +283,7 @@ class LocalLearner(nn.Module):
         if self.bank is not None:
             self.bank.collectives = None
 
-    def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0) -> None:
+    def _raise_if_not_finite(self, losses: list[Tensor], first: int = 0, offset: int = 0) -> None:
         """Raise on a NaN or infinite loss, on every process at once when distributed.
 
         A process that raised alone would leave the others waiting in DDP's all-reduce for ever.
@@ -249,7 +296,7 @@ class LocalLearner(nn.Module):
             rank, module = (int(i) for i in bad[0])
             where = f" on rank {rank}" if self.collectives is not None else ""
             raise NonFiniteLossError(
-                f"the loss of module {first + module}{where} is {values[rank, module].item()} at step "
+                f"the loss of module {offset + first + module}{where} is {values[rank, module].item()} at step "
                 f"{self.global_step}; lower the learning rate or use precision=fp32")
 
     def _lookahead(self, inputs: Tensor) -> None:
@@ -289,7 +336,11 @@ class LocalLearner(nn.Module):
 
     def export(self) -> nn.Module:
         """A standalone copy of the inference model: backbone and head parameters only."""
-        return copy.deepcopy(self._plain).eval()
+        model = copy.deepcopy(self._plain).eval()
+        for sub in model.modules():  # training-time memory choices do not travel with the model
+            if isinstance(sub, PerSampleModule):
+                sub.checkpoint_chunks = 0
+        return model
 
     # ---- persistence -----------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:

@@ -77,6 +77,8 @@ class LocalMethod:
     default_step: str = "global"
     #: methods that are end-to-end by definition force K=1.
     end_to_end: bool = False
+    #: methods that checkpoint activations by definition (as ``checkpoint=true`` does for any)
+    checkpoints_activations: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "LocalMethod":

@@ -60,20 +60,47 @@ class Trainer:
                            "train on another dataset, then run fba eval RUN_DIR data.name=...")
         data = self.cfg["data"]
         self.batch_size = data["batch_size"]
-        global_batch = self.batch_size * self.dist.world_size
+        # In a pipeline every rank trains every batch (on its own modules); with DDP each rank
+        # trains its shard, so the global batch is world_size times larger.
+        self.pipelined = self.dist.enabled and self.cfg["distributed"]["mode"] == "pipeline"
+        global_batch = self.batch_size * (1 if self.pipelined else self.dist.world_size)
         drop_last = len(self.train_set) > global_batch  # a batch of one breaks train-mode BatchNorm
         self.steps_per_epoch = len(self.train_set) // global_batch if drop_last else 1
         self.drop_last = drop_last
+        build_cfg = self.cfg if initialise else {**self.cfg, "init_from": None}
+        if self.pipelined and build_cfg["optim"]["step"] == "auto":  # stages step their own modules
+            build_cfg = {**build_cfg, "optim": {**build_cfg["optim"], "step": "per_module"}}
         self.learner = build_learner(
-            self.cfg if initialise else {**self.cfg, "init_from": None}, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
+            build_cfg, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
             num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
             steps_per_epoch=self.steps_per_epoch)
-        if self.dist.enabled:
+        self.stage = None
+        if self.pipelined:
+            self.stage = self._pipeline_stage()
+        elif self.dist.enabled:
             distribute(self.learner, self.dist, self.device)
         self.run_dir = run_dir or self._new_run_dir()
         self.start_epoch = 1
         self.rows: list[dict[str, Any]] = []
         self.peak_memory_bytes: int | None = None
+
+    def _pipeline_stage(self):
+        """This rank's pipeline stage, the module groups balanced by measured forward cost."""
+        import torch.distributed as dist
+
+        from fba.pipeline import PipelineStage, balance, measure_module_costs
+
+        groups = [None]
+        if self.dist.is_main:
+            images, targets, indices = next(iter(self.loader(True, 0)))
+            costs = measure_module_costs(self.learner, images.to(self.device), targets.to(self.device), indices)
+            groups = [[(g.start, g.stop) for g in balance(costs, self.dist.world_size)]]
+        dist.broadcast_object_list(groups, src=0)
+        ranges = [range(a, b) for a, b in groups[0]]
+        self.log(f"pipeline: modules {', '.join(f'{r.start}-{r.stop - 1}' for r in ranges)} on ranks "
+                 f"0-{len(ranges) - 1}")
+        self.module_groups = ranges
+        return PipelineStage(self.learner, ranges, self.dist.rank, self.device)
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, log=None) -> "Trainer":
@@ -113,7 +140,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg["seed"], epoch, self.dist.rank))
         data = self.cfg["data"]
         sampler = None
-        if train and self.dist.enabled:
+        if train and self.dist.enabled and not self.pipelined:
             from torch.utils.data.distributed import DistributedSampler
 
             sampler = DistributedSampler(self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
@@ -145,7 +172,7 @@ class Trainer:
                  f"{backbone:,} backbone+head parameters, {aux:,} auxiliary (training only)")
         try:
             for epoch in range(self.start_epoch, last + 1):
-                row = self._train_epoch(epoch, records)
+                row = self._train_epoch_pipelined(epoch) if self.pipelined else self._train_epoch(epoch, records)
                 if main and (epoch % self.cfg["train"]["eval_every"] == 0 or epoch == epochs):
                     metrics = self.learner.task.evaluate(self.learner, self.loader(False), self.device)
                     row.update({k: v for k, v in metrics.items() if k != "loss"}, test_loss=metrics["loss"])
@@ -209,6 +236,37 @@ class Trainer:
         return {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
                 "lr": lr, "seconds": seconds}  # the rate of the epoch's last step, not the next one's
 
+    def _train_epoch_pipelined(self, epoch: int) -> dict[str, Any]:
+        """One epoch as a pipeline stage: rank 0 reads the batches, every rank trains its modules.
+
+        At the end every rank gives its modules' state to the others, so rank 0 holds the whole
+        trained learner to evaluate and save.
+        """
+        import torch.distributed as dist
+        from tqdm.auto import tqdm
+
+        self.seed_epoch(epoch)  # rank 0 draws the augmentations a single process would
+        stage = self.stage
+        losses: list[float] = []
+        lr = self.learner.optimizers[stage.modules.start].param_groups[0]["lr"]
+        start = time.perf_counter()
+        if self.dist.is_main:
+            batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
+                           disable=not self.cfg["train"]["progress"], file=sys.stderr)
+            for images, labels, indices in batches:
+                out = stage.train_step((images.to(self.device), labels.to(self.device), indices))
+                lr = out["lr"]
+        else:
+            for _ in range(self.steps_per_epoch):
+                out = stage.train_step()
+                if "loss" in out:
+                    losses.append(out["loss"])
+        stage.gather_to_main()
+        seconds = time.perf_counter() - start
+        train_loss = torch.tensor([statistics.fmean(losses) if losses else float("nan")], dtype=torch.float64)
+        dist.broadcast(train_loss, src=self.dist.world_size - 1)  # the task loss is the last stage's
+        return {"epoch": epoch, "train_loss": float(train_loss), "lr": lr, "seconds": seconds}
+
     def seed_epoch(self, epoch: int) -> None:
         """Seed this process's global RNG, which the augmentations draw from, for ``epoch``."""
         torch.manual_seed(epoch_seed(self.cfg["seed"], epoch, self.dist.rank))
@@ -258,6 +316,7 @@ class Trainer:
             "peak_memory_bytes": self.peak_memory_bytes,
             "seconds_per_epoch": statistics.fmean(timed) if timed else None,
             "world_size": self.dist.world_size,
+            "distributed_mode": self.cfg["distributed"]["mode"] if self.dist.enabled else None,
             "epochs": len(self.rows),
             "method": self.cfg["method"],
             "model": self.cfg["model"],

@@ -85,6 +85,12 @@ class EarlyMapBank:
     def end_step(self) -> None:
         pass
 
+    def step_features(self) -> dict[int, Tensor]:
+        return {}  # nothing beyond the early map, which the model itself carries
+
+    def step_entries(self) -> None:
+        return None  # no long-term entries
+
     def tensors(self) -> list[Tensor]:
         """What the bank itself stores: nothing. The early map is an activation the network
         keeps for its global skip anyway, so memory reports count it as one."""

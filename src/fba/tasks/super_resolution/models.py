@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from fba.engine.checkpointing import PerSampleModule
+
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
 
@@ -69,7 +71,7 @@ class Upsampler(nn.Sequential):
         super().__init__(*layers)
 
 
-class ReconstructionTail(nn.Module):
+class ReconstructionTail(PerSampleModule):
     """The SR task head: ``(N, F, h, w) -> (N, 3, h*scale, w*scale)`` image in [0, 1] scale.
 
     Holds the upsampler, the last conv and the output mean shift. FBA's Simple Local
