@@ -1,6 +1,7 @@
 """Detection datasets on tiny fixtures written in the real VOC (XML + JPEG) and COCO (JSON) formats, and shapes-det."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -288,6 +289,9 @@ def test_collate_stacks_equal_sizes_and_lists_unequal_ones(tmp_path):
     images, targets, indices = collate_detection([train[0], train[1]])
     assert isinstance(images, list) and [tuple(i.shape) for i in images] == [(3, 80, 100), (3, 48, 64)]
     assert indices.tolist() == [0, 1] and targets[1]["boxes"].shape == (0, 4)
+    # DataLoader workers started by spawn pickle the dataset with its transform.
+    copy = pickle.loads(pickle.dumps(DATASETS.get("voc")(root=str(tmp_path), image_size=32)[0]))
+    assert copy[0][0].shape == (3, 32, 32)
 
 
 def _tree(folder) -> dict:

@@ -380,6 +380,12 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
 
 # --------------------------------------------------------------------------- datasets and transforms
 
+def _per_box_fields(inputs: tuple[Any, dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
+    # A module-level function, not a lambda: DataLoader workers may need to pickle the transform.
+    target = inputs[1]
+    return target["labels"], target["difficult"], target["iscrowd"]
+
+
 class DetectionTransform:
     """``(uint8 image (3, H, W), target) -> (float32 image (3, H', W') in [0, 1], target)``, boxes kept aligned.
 
@@ -401,8 +407,7 @@ class DetectionTransform:
             ops.append(v2.Resize(size, max_size=image_size if keep_aspect else None, antialias=True))
         ops.append(v2.ToDtype(torch.float32, scale=True))
         if train:
-            ops.append(v2.SanitizeBoundingBoxes(
-                labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["difficult"], inputs[1]["iscrowd"])))
+            ops.append(v2.SanitizeBoundingBoxes(labels_getter=_per_box_fields))
         self.ops = v2.Compose(ops)
 
     def __call__(self, image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
