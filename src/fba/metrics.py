@@ -1,4 +1,7 @@
-"""Image-restoration metrics: PSNR and SSIM as reported for super-resolution.
+"""Metrics: PSNR and SSIM for super-resolution; COCO mAP and VOC AP for detection.
+
+Super-resolution
+----------------
 
 The conventions are those of the EDSR/BasicSR evaluation (``reference/baselines.md``):
 
@@ -20,7 +23,30 @@ metric is computed per image and the mean over the N images is returned (the usu
 equally-sized images). Identical images have an infinite PSNR; a batch containing one
 therefore averages to ``inf`` too.
 
-Only torch is imported so that ``import fba.metrics`` stays cheap.
+Detection
+---------
+
+Boxes are xyxy in pixels, labels 0-based ints; ``predictions`` and ``targets`` are lists
+with one dict per image (tensors, numpy arrays or lists).
+
+- :func:`coco_map` runs pycocotools' ``COCOeval`` (bbox) on ground truth and detections
+  built in memory. A box's area (for small/medium/large) is its box area, there being no
+  masks. ``iscrowd`` targets are crowd regions as in COCO, and ``difficult`` ones are passed
+  to pycocotools as crowd regions too: they count neither as objects to find nor as false
+  positives, and a detection lying mostly inside one (intersection over the detection's
+  area at the IoU threshold, COCO's crowd rule) is ignored. Values pycocotools cannot
+  define (it reports -1: no ground truth at all, or none in an area range) are ``nan``;
+  ground truth without a single detection scores 0.0.
+- :func:`voc_ap` is the VOC devkit's per-class average precision, written from its
+  definition: detections of a class sorted by score, each matched greedily to the unmatched
+  ground-truth box of highest IoU (a match needs IoU >= the threshold, as in the MATLAB
+  devkit and COCO); a detection whose best box is "difficult" is ignored, a second
+  detection of a matched box is a false positive. AP is the 11-point interpolated
+  precision (VOC2007, the default) or the area under the interpolated precision-recall
+  curve (VOC2010 and later). IoU uses continuous coordinates; with VOC boxes read as
+  ``[xmin - 1, ymin - 1, xmax, ymax]`` this equals the devkit's "+1" pixel arithmetic.
+
+Only torch is imported at module level so that ``import fba.metrics`` stays cheap.
 """
 
 from __future__ import annotations
@@ -31,7 +57,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "rgb_to_y", "quantize", "SSIM_WINDOW"]
+__all__ = ["psnr", "ssim", "rgb_to_y", "quantize", "SSIM_WINDOW", "coco_map", "voc_ap", "COCO_METRIC_NAMES"]
 
 # BT.601 luma for R, G, B in 0..255 (EDSR's ``calc_psnr``, MATLAB's rgb2ycbcr).
 _Y_WEIGHTS = (65.738 / 256, 129.057 / 256, 25.064 / 256)
@@ -151,3 +177,217 @@ def ssim(sr: Tensor, hr: Tensor, scale: int, y_channel: bool = True) -> float:
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     per_image = s.reshape(n, c, -1).mean(dim=2).mean(dim=1)
     return float(per_image.mean())
+
+
+# --------------------------------------------------------------------------- detection
+
+#: the keys of :func:`coco_map`, in the order of pycocotools' ``COCOeval.stats``
+COCO_METRIC_NAMES = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
+                     "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+
+
+def _as_array(value: object, dtype: str, shape_tail: tuple[int, ...], name: str):
+    import numpy as np
+
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value, dtype=dtype)
+    if array.size == 0:
+        array = array.reshape((0, *shape_tail))
+    if array.shape[1:] != shape_tail or array.ndim != 1 + len(shape_tail):
+        raise ValueError(f"{name} must have shape (N{''.join(f', {d}' for d in shape_tail)}), got {array.shape}")
+    return array
+
+
+def _detections(predictions: list, targets: list, name: str) -> tuple[list, list]:
+    """Validate and convert to numpy: ``[(boxes (K,4), scores (K,), labels (K,))]`` and
+    ``[(boxes (M,4), labels (M,), crowd (M,), difficult (M,))]``."""
+    import numpy as np
+
+    if len(predictions) != len(targets):
+        raise ValueError(f"{name}: {len(predictions)} predictions for {len(targets)} targets (one dict per image each)")
+    preds, gts = [], []
+    for i, (p, t) in enumerate(zip(predictions, targets)):
+        boxes = _as_array(p["boxes"], "float64", (4,), f"{name}: predictions[{i}]['boxes']")
+        scores = _as_array(p["scores"], "float64", (), f"{name}: predictions[{i}]['scores']")
+        labels = _as_array(p["labels"], "int64", (), f"{name}: predictions[{i}]['labels']")
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"{name}: predictions[{i}] has {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
+        preds.append((boxes, scores, labels))
+        t_boxes = _as_array(t["boxes"], "float64", (4,), f"{name}: targets[{i}]['boxes']")
+        t_labels = _as_array(t["labels"], "int64", (), f"{name}: targets[{i}]['labels']")
+        flags = []
+        for key in ("iscrowd", "difficult"):
+            flag = t.get(key) if isinstance(t, dict) else None
+            flags.append(np.zeros(len(t_labels), dtype=bool) if flag is None
+                         else _as_array(flag, "bool", (), f"{name}: targets[{i}][{key!r}]"))
+        if not len(t_boxes) == len(t_labels) == len(flags[0]) == len(flags[1]):
+            raise ValueError(f"{name}: targets[{i}] has {len(t_boxes)} boxes but {len(t_labels)} labels "
+                             f"(or flags of another length)")
+        gts.append((t_boxes, t_labels, flags[0], flags[1]))
+    return preds, gts
+
+
+def coco_map(predictions: list[dict], targets: list[dict]) -> dict[str, float]:
+    """COCO box mAP through pycocotools (module docstring for the conventions).
+
+    Args:
+        predictions: per image ``{"boxes": (K, 4) xyxy pixels, "scores": (K,), "labels": (K,)}``.
+        targets: per image ``{"boxes": (M, 4) xyxy pixels, "labels": (M,)}`` with optional
+            bool ``"iscrowd"`` and ``"difficult"`` ``(M,)``.
+
+    Returns ``{name: float}`` for :data:`COCO_METRIC_NAMES`: ``map`` (AP at IoU .50:.95),
+    ``map50``, ``map75``, ``map_small|medium|large``, ``mar_1|10|100`` (AR at 1, 10, 100
+    detections per image) and ``mar_small|medium|large``.
+    """
+    import contextlib
+    import io
+
+    import numpy as np
+
+    preds, gts = _detections(predictions, targets, "coco_map")
+    images, annotations, categories = [], [], set()
+    for i, (boxes, labels, crowd, difficult) in enumerate(gts):
+        # COCOeval needs no image size for boxes; the entry only declares the image id.
+        images.append({"id": i + 1})
+        for box, label, is_crowd, is_difficult in zip(boxes.tolist(), labels.tolist(), crowd, difficult):
+            w, h = box[2] - box[0], box[3] - box[1]
+            # Ids from 1: COCOeval marks unmatched detections with ground-truth id 0.
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                                "bbox": [box[0], box[1], w, h], "area": w * h,
+                                "iscrowd": int(bool(is_crowd) or bool(is_difficult))})
+            categories.add(int(label) + 1)
+    results = []
+    for i, (boxes, scores, labels) in enumerate(preds):
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            results.append({"image_id": i + 1, "category_id": int(label) + 1,
+                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+            categories.add(int(label) + 1)
+    counted = any(a["iscrowd"] == 0 for a in annotations)
+    if not counted:
+        return {name: math.nan for name in COCO_METRIC_NAMES}
+    if not results:
+        # pycocotools cannot load an empty result list; finding nothing scores 0 wherever
+        # there is something to find.
+        stats = _coco_stats_without_detections(annotations)
+        return dict(zip(COCO_METRIC_NAMES, stats))
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": c} for c in sorted(categories)]}
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = np.asarray(evaluator.stats, dtype=float)
+    return {name: (math.nan if value < 0 else float(value)) for name, value in zip(COCO_METRIC_NAMES, stats)}
+
+
+def _coco_stats_without_detections(annotations: list[dict]) -> list[float]:
+    """What COCOeval gives for no detections: 0 where an area range has counted ground truth, else nan."""
+    areas = [a["area"] for a in annotations if a["iscrowd"] == 0]
+    # COCOeval's area ranges: all, small < 32^2 <= medium < 96^2 <= large.
+    ranges = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
+    has = {k: any(lo <= a <= hi for a in areas) for k, (lo, hi) in ranges.items()}
+    order = ["all", "all", "all", "small", "medium", "large", "all", "all", "all", "small", "medium", "large"]
+    return [0.0 if has[k] else math.nan for k in order]
+
+
+def _box_iou(box, boxes):
+    """IoU of one xyxy box with ``(M, 4)`` boxes, continuous coordinates."""
+    import numpy as np
+
+    iw = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    ih = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = iw * ih
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _average_precision(recall, precision, use_07_metric: bool) -> float:
+    import numpy as np
+
+    if use_07_metric:
+        # Mean over recall levels 0, 0.1, ..., 1 of the best precision at recall >= the level.
+        points = [precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]
+        return float(np.mean(points))
+    # Area under the precision envelope (precision made non-increasing from the right),
+    # summed over the steps where recall changes.
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    steps = np.nonzero(r[1:] != r[:-1])[0]
+    return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
+
+
+def voc_ap(predictions: list[dict], targets: list[dict], num_classes: int, iou_threshold: float = 0.5,
+           use_07_metric: bool = True) -> dict[str, float | list[float]]:
+    """PASCAL VOC average precision per class (module docstring for the matching rule).
+
+    Args:
+        predictions: per image ``{"boxes": (K, 4) xyxy, "scores": (K,), "labels": (K,)}``.
+        targets: per image ``{"boxes": (M, 4) xyxy, "labels": (M,)}``, optional bool
+            ``"difficult"`` ``(M,)`` (ignored objects; ``"iscrowd"`` is treated the same).
+        num_classes: classes are ``0 .. num_classes - 1``; other labels are an error.
+        iou_threshold: the least IoU of a true positive.
+        use_07_metric: 11-point interpolation (VOC2007) if True, else the area (VOC2010+).
+
+    Returns ``{"map": mean over classes with ground truth, "ap": [AP of class c]}``; a class
+    with no (non-difficult) ground truth has AP ``nan`` and is left out of the mean (``map``
+    is ``nan`` when no class has any).
+    """
+    import numpy as np
+
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"voc_ap: num_classes must be a positive int, got {num_classes!r}")
+    preds, gts = _detections(predictions, targets, "voc_ap")
+    for i, ((_, _, p_labels), (_, t_labels, _, _)) in enumerate(zip(preds, gts)):
+        for kind, labels in (("predictions", p_labels), ("targets", t_labels)):
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"voc_ap: {kind}[{i}] has a label outside 0..{num_classes - 1}: {labels.tolist()}")
+    ap = []
+    for c in range(num_classes):
+        gt_boxes = [boxes[labels == c] for boxes, labels, _, _ in gts]
+        ignored = [(crowd | difficult)[labels == c] for _, labels, crowd, difficult in gts]
+        npos = int(sum((~flags).sum() for flags in ignored))
+        taken = [np.zeros(len(b), dtype=bool) for b in gt_boxes]
+        det_image, det_score, det_box = [], [], []
+        for i, (boxes, scores, labels) in enumerate(preds):
+            mask = labels == c
+            det_image += [i] * int(mask.sum())
+            det_score.append(scores[mask])
+            det_box.append(boxes[mask])
+        if npos == 0:
+            ap.append(math.nan)
+            continue
+        scores = np.concatenate(det_score) if det_score else np.zeros(0)
+        boxes = np.concatenate(det_box) if det_box else np.zeros((0, 4))
+        order = np.argsort(-scores, kind="stable")
+        tp, fp = np.zeros(len(order)), np.zeros(len(order))
+        for rank, d in enumerate(order):
+            image = det_image[d]
+            candidates = gt_boxes[image]
+            if len(candidates) == 0:
+                fp[rank] = 1
+                continue
+            ious = _box_iou(boxes[d], candidates)
+            best = int(np.argmax(ious))
+            if ious[best] < iou_threshold:
+                fp[rank] = 1
+            elif ignored[image][best]:
+                pass  # a difficult object: found or not, it does not count
+            elif not taken[image][best]:
+                tp[rank], taken[image][best] = 1, True
+            else:
+                fp[rank] = 1  # a duplicate detection
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        recall = tp / npos
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        ap.append(_average_precision(recall, precision, use_07_metric))
+    counted = [v for v in ap if not math.isnan(v)]
+    return {"map": float(np.mean(counted)) if counted else math.nan, "ap": ap}
