@@ -1,1 +1,1 @@
-"""Detection: RetinaNet and YOLOv1 on ResNets, trained from scratch; COCO mAP."""
+"""Object detection: RetinaNet and YOLOv1 on ResNets, PASCAL VOC, COCO and built-in shapes; COCO/VOC mAP."""
