@@ -32,7 +32,7 @@ def test_dotted_overrides_and_yaml(tmp_path):
     ("infopro.mode=simclr", "'infopro.mode': 'simclr' is not one of contrast, ce"),
     ("auglocal.depth=0", "'auglocal.depth': expected a positive integer, got 0"),
     ("sr.scale=8", "'sr.scale': 8 is not one of 2, 3, 4"),
-    ("task=detection", "'task': 'detection' is not one of classification, super_resolution"),
+    ("task=segmentation", "'task': 'segmentation' is not one of classification, detection, super_resolution"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:

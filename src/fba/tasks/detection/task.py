@@ -1,0 +1,75 @@
+"""The detection task: the heads' loss dicts summed, pooled bank summaries, COCO mAP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+Targets = list[dict[str, Tensor]]
+
+
+def targets_to(targets: Targets, device: torch.device | str) -> Targets:
+    """Every tensor of every target dict on ``device``."""
+    return [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+
+
+class DetectionTask:
+    """Object detection. A head returns, in training, an object whose ``losses(targets)`` is a
+    torchvision-style loss dict (RetinaNet: ``{"classification", "bbox_regression"}``; YOLOv1:
+    ``{"bbox_regression", "objectness", "no_object", "classification"}``); the loss is its sum.
+
+    Attributes:
+        last_losses: the loss dict of the last :meth:`loss` call (detached), for logging.
+    """
+
+    name = "detection"
+    primary_metric = "map50"
+    variable_size_eval = False
+
+    def __init__(self) -> None:
+        self.last_losses: dict[str, Tensor] = {}
+
+    def loss(self, output: Any, targets: Targets) -> Tensor:
+        """``output``: a detection head's training output; ``targets``: one dict per image with
+        ``boxes`` ``(M, 4)`` xyxy pixels and ``labels`` ``(M,)`` int64 -> scalar sum of the
+        head's losses."""
+        if not callable(getattr(output, "losses", None)):
+            raise TypeError(f"the detection loss needs a detection head's output, got {type(output).__name__}")
+        losses = output.losses(targets)
+        self.last_losses = {key: value.detach() for key, value in losses.items()}
+        return torch.stack([value.float() for value in losses.values()]).sum()
+
+    def summarize(self, h: Tensor) -> Tensor:
+        """Global average pooling: (N, C, H, W) -> (N, C), the bank's per-sample vector."""
+        return h.mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+        """COCO-style mAP (``fba.metrics.coco_map``) over ``(images, targets, indices)`` batches.
+
+        ``model`` in eval mode returns one ``{"boxes", "scores", "labels"}`` per image. The
+        ``loss`` is the mean training loss per batch where the model's output can give it
+        (the learner's heads can; an exported torchvision model cannot: then NaN).
+        """
+        from fba.metrics import coco_map
+
+        was_training = model.training
+        model.eval()
+        predictions: list[dict[str, Tensor]] = []
+        truths: Targets = []
+        loss_sum, loss_batches = 0.0, 0
+        for images, targets, *_ in batches:
+            images = images.to(device) if isinstance(images, Tensor) else [image.to(device) for image in images]
+            detections = model(images)
+            if callable(getattr(detections, "losses", None)):
+                loss_sum += self.loss(detections, targets).item()
+                loss_batches += 1
+            predictions += targets_to(list(detections), "cpu")
+            truths += targets_to(targets, "cpu")
+        model.train(was_training)
+        metrics = {key: float(value) for key, value in coco_map(predictions, truths).items()}
+        metrics["loss"] = loss_sum / loss_batches if loss_batches else math.nan
+        return metrics
