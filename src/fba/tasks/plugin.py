@@ -95,6 +95,14 @@ class TaskPlugin:
         """
         raise NotImplementedError
 
+    def collate_fn(self) -> Callable[[list], Any] | None:
+        """How the trainer's DataLoader batches the task's items (None: torch's default)."""
+        return None
+
+    def targets_to(self, targets: Any, device: "torch.device") -> Any:
+        """A batch's targets on ``device`` (the default: one tensor)."""
+        return targets.to(device, non_blocking=True)
+
     def offline_data_info(self, config: Mapping[str, Any]) -> Any | None:
         """The data info of a run, without loading its dataset, when the task can run its model
         on a folder of images (``fba eval RUN --images``); None when it needs the dataset."""

@@ -18,6 +18,7 @@ from fba.config import dump_yaml, load_yaml, resolve_config
 from fba.distributed import barrier, device_for, distribute, setup_from_env
 from fba.errors import FBAError, NonFiniteLossError
 from fba.tasks import get_task
+from fba.tasks import get_task
 from fba.training.checkpoint import STATE, WEIGHTS, checkpoint_must_fit, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
 
@@ -54,6 +55,7 @@ class Trainer:
         self.log = (log or (lambda msg: print(msg, file=sys.stderr))) if self.dist.is_main else (lambda msg: None)
         self.device = device_for(self.dist, resolve_device(self.cfg["device"]))
         self.cfg["device"] = str(self.device) if self.dist.enabled else self.cfg["device"]
+        self.task_plugin = get_task(self.cfg["task"])
         self.train_set, self.test_set, self.info = build_datasets(self.cfg)
         if self.train_set is None:
             raise FBAError(f"dataset {self.cfg['data']['name']!r} has no training split (it is for evaluation): "
@@ -93,7 +95,8 @@ class Trainer:
         groups = [None]
         if self.dist.is_main:
             images, targets, indices = next(iter(self.loader(True, 0)))
-            costs = measure_module_costs(self.learner, images.to(self.device), targets.to(self.device), indices)
+            costs = measure_module_costs(self.learner, images.to(self.device), self.task_plugin.targets_to(targets, self.device),
+                                         indices)
             groups = [[(g.start, g.stop) for g in balance(costs, self.dist.world_size)]]
         dist.broadcast_object_list(groups, src=0)
         ranges = [range(a, b) for a, b in groups[0]]
@@ -150,7 +153,7 @@ class Trainer:
             self.train_set if train else self.test_set,
             batch_size=self.batch_size if train else (1 if self.learner.task.variable_size_eval else data["eval_batch_size"]),
             shuffle=train and sampler is None, sampler=sampler, drop_last=train and self.drop_last, generator=generator,
-            num_workers=data["num_workers"], pin_memory=self.device.type == "cuda",
+            num_workers=data["num_workers"], pin_memory=self.device.type == "cuda", collate_fn=self.task_plugin.collate_fn(),
             persistent_workers=False)
 
     def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
@@ -208,7 +211,7 @@ class Trainer:
                        disable=not (self.cfg["train"]["progress"] and self.dist.is_main), file=sys.stderr)
         for images, labels, indices in batches:  # (lr, hr, index) for super-resolution
             images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            labels = self.task_plugin.targets_to(labels, self.device)
             # Measured on a step that starts with optimizer state, as fba bench does: the first
             # step creates it, so it would miss the momentum (or Adam) buffers.
             if (self.peak_memory_bytes is None and self.cfg["train"]["measure_memory"] and not cuda_peak
@@ -254,7 +257,7 @@ class Trainer:
             batches = tqdm(self.loader(True, epoch), desc=f"epoch {epoch}", leave=False, unit="batch",
                            disable=not self.cfg["train"]["progress"], file=sys.stderr)
             for images, labels, indices in batches:
-                out = stage.train_step((images.to(self.device), labels.to(self.device), indices))
+                out = stage.train_step((images.to(self.device), self.task_plugin.targets_to(labels, self.device), indices))
                 lr = out["lr"]
         else:
             for _ in range(self.steps_per_epoch):

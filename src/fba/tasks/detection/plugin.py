@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from fba.rules import optional_positive_int
 from fba.tasks import TASKS
@@ -98,6 +98,17 @@ class DetectionPlugin(TaskPlugin):
         builder = self.dataset_registry().get(data["name"])
         return builder(root=data["root"], download=data["download"], augment=data["augment"],
                        image_size=data["image_size"])
+
+    def collate_fn(self) -> Callable[[list], Any]:
+        """Images stacked ``(N, 3, H, W)`` (the square resize makes them equal), targets a list of dicts."""
+        from fba.tasks.detection.data import collate_detection
+
+        return collate_detection
+
+    def targets_to(self, targets: Any, device: "torch.device") -> Any:
+        from fba.tasks.detection.task import targets_to
+
+        return targets_to(targets, device)
 
     def synthetic_batch(self, config: Mapping[str, Any], batch_size: int, in_channels: int, input_size: int,
                         num_classes: int, generator: "torch.Generator", device: "torch.device") -> tuple[Any, Any]:
