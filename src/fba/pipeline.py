@@ -73,25 +73,29 @@ def balance(costs: Sequence[float], ranks: int) -> list[range]:
     return groups[::-1]
 
 
-def measure_module_costs(learner, inputs: Tensor, targets: Any, indices: Tensor | None) -> list[float]:
-    """Seconds of each module's forward and local loss on a batch, with no side effect.
+def measure_module_costs(learner, inputs: Tensor, targets: Any, indices: Tensor | None, repeats: int = 2) -> list[float]:
+    """Seconds of each module's local step (forward, local loss, backward) on a batch.
 
-    No gradient, BatchNorm statistics frozen, and no bank commit: the learner is unchanged.
-    A backward costs about twice its forward, so the forward ranks the modules well enough.
+    Side-effect free: BatchNorm statistics are frozen, the gradients are dropped and no
+    optimizer steps, and the bank commits nothing. The last of ``repeats`` passes counts,
+    since the first one pays for one-off allocations and kernel choices.
     """
-    costs = []
-    with torch.no_grad(), frozen_bn_statistics(learner):
-        learner.method.begin_step(inputs, targets)
-        if learner.bank is not None:
-            learner.bank.begin_step(indices)
-        h = inputs
-        for unit in learner.units:
-            start = time.perf_counter()
-            h, _ = unit(h, targets)
-            costs.append(time.perf_counter() - start)
-        if learner.bank is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+    costs: list[float] = []
+    with frozen_bn_statistics(learner), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats):
+            costs = []
+            learner.method.begin_step(inputs, targets)
+            if learner.bank is not None:
+                learner.bank.begin_step(indices)
+            h = inputs
+            for unit in learner.units:
+                start = time.perf_counter()
+                h, loss = unit(h.detach(), targets)
+                loss.backward()
+                costs.append(time.perf_counter() - start)
+            learner.zero_grad(set_to_none=True)
+            if learner.bank is not None:
                 learner.bank.begin_step(None)  # drop this batch's features without committing them
     return costs
 

@@ -111,8 +111,17 @@ def _worker(rank: int, cfg: dict, method: str, overrides: dict, mode: str, what:
         def setup() -> None:
             pass
 
+        # Each batch other samples, as in an epoch: the same samples again would make the first
+        # stage wait for the last stage's long-term bank entries of the batch before.
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg["seed"]))
+        fed = [0]
+
         def step() -> None:
-            stage.train_step((images, targets, indices) if rank == 0 else None)
+            batch = None
+            if rank == 0:
+                batch = (images, targets, order[(fed[0] * batch_size + torch.arange(batch_size)) % num_samples])
+                fed[0] += 1
+            stage.train_step(batch)
 
     dist.barrier()
     if what == "memory":
