@@ -85,14 +85,17 @@ def make_stage_block(block_type: type, in_channels: int, out_channels: int, stri
     return tv_resnet.BasicBlock(in_channels, out_channels, stride, projection)
 
 
-def _stage_blocks(layers: list[nn.Sequential], first_stride: int, channels_of: Callable[[nn.Module], int]):
+def stage_blocks(layers: list[nn.Sequential], first_stride: int, channels_of: Callable[[nn.Module], int],
+                 prefix: str = "") -> tuple[list[nn.Module], list[UnitSpec], list[type]]:
+    """Every residual block of the stages ``layers`` as a unit, its spec (named
+    ``prefix + "layerS.i"``, downsampling counted from ``first_stride``), and each stage's block type."""
     units, specs, block_types = [], [], []
     downsample = first_stride
     for stage, layer in enumerate(layers, start=1):
         for i, block in enumerate(layer):
             downsample *= block.stride if isinstance(block.stride, int) else 1
             units.append(block)
-            specs.append(UnitSpec(f"layer{stage}.{i}", channels_of(block), downsample, stage))
+            specs.append(UnitSpec(f"{prefix}layer{stage}.{i}", channels_of(block), downsample, stage))
         block_types.append(type(layer[-1]))
     return units, specs, block_types
 
@@ -101,7 +104,7 @@ def _unit_model(plain: nn.Module, stem: nn.Module, stem_spec: UnitSpec, layers: 
     def channels_of(block: nn.Module) -> int:
         return block.bn3.num_features if isinstance(block, tv_resnet.Bottleneck) else block.bn2.num_features
 
-    units, specs, block_types = _stage_blocks(layers, stem_spec.downsample, channels_of)
+    units, specs, block_types = stage_blocks(layers, stem_spec.downsample, channels_of)
     num_classes = fc.out_features
 
     def stage_block(stage: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:

@@ -69,6 +69,7 @@ from torch.utils.data import Dataset
 
 from fba.errors import DataError
 from fba.registry import Registry
+from fba.tasks.image_files import image_size, read_image
 
 __all__ = [
     "DATASETS", "DetectionDataInfo", "DetectionDataset", "DetectionRecord", "DetectionTransform",
@@ -130,38 +131,6 @@ def _make_record(image: Path, image_id: int, height: int, width: int, boxes: lis
         image, image_id, height, width,
         torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64),
         torch.tensor(difficult, dtype=torch.bool), torch.tensor(iscrowd, dtype=torch.bool), source)
-
-
-def _image_error(path: Path, error: BaseException, what: str = "") -> DataError:
-    return DataError(f"cannot read image {path}{what}: {type(error).__name__}: {error}".replace("\n", " "))
-
-
-def _image_size(path: Path, what: str = "") -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except FileNotFoundError:
-        raise DataError(f"image {path}{what} not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise _image_error(path, error, what) from None
-    return height, width
-
-
-def _read_rgb(path: Path) -> Tensor:
-    """Decode an image file to RGB uint8 ``(3, H, W)``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"image {path} not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise _image_error(path, error) from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def _check_box(box: Sequence[float], width: int, height: int, where: str, shown: str) -> None:
@@ -230,7 +199,7 @@ def parse_voc_xml(path: Path, class_index: Mapping[str, int]) -> list[tuple[int,
 
 def _voc_record(xml: Path, image: Path, image_id: int, class_index: Mapping[str, int]) -> DetectionRecord:
     objects = parse_voc_xml(xml, class_index)
-    height, width = _image_size(image, f" (of {xml})")
+    height, width = image_size(image, f" (of {xml})")
     boxes, labels, difficult = [], [], []
     for label, (xmin, ymin, xmax, ymax), hard, where in objects:
         shown = f"(xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})"
@@ -449,7 +418,7 @@ class DetectionDataset(Dataset):
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} images")
         record = self.records[index]
-        image = _read_rgb(record.image)
+        image = read_image(record.image)
         if tuple(image.shape[-2:]) != (record.height, record.width):
             raise DataError(f"image {record.image} is {image.shape[-1]}x{image.shape[-2]} (WxH) but {record.source} "
                             f"annotates it as {record.width}x{record.height}")

@@ -58,6 +58,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
 from fba.tasks.classification.models import make_stage_block as _resnet_block
+from fba.tasks.classification.models import stage_blocks
 
 MODELS: Registry[Callable[..., UnitModel]] = Registry("model")
 
@@ -597,18 +598,8 @@ def _block_channels(block: nn.Module) -> int:
 def _resnet_blocks(body: nn.Module, prefix: str) -> tuple[list[nn.Module], list[UnitSpec], list[type]]:
     """Every residual block of ``body.layer1..4``, its spec (named ``prefix + "layerS.i"``),
     and each stage's block type."""
-    units: list[nn.Module] = []
-    specs: list[UnitSpec] = []
-    block_types: list[type] = []
-    downsample = 4  # the stem's
-    for stage in range(1, 5):
-        layer = getattr(body, f"layer{stage}")
-        for i, block in enumerate(layer):
-            downsample *= block.stride if isinstance(block.stride, int) else 1
-            units.append(block)
-            specs.append(UnitSpec(f"{prefix}layer{stage}.{i}", _block_channels(block), downsample, stage))
-        block_types.append(type(layer[-1]))
-    return units, specs, block_types
+    layers = [getattr(body, f"layer{stage}") for stage in range(1, 5)]
+    return stage_blocks(layers, 4, _block_channels, prefix)  # the stem downsamples by 4
 
 
 def _stage_ends(specs: Sequence[UnitSpec], stages: Sequence[int]) -> list[int]:

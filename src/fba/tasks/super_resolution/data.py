@@ -65,6 +65,7 @@ from torch.utils.data import Dataset
 
 from fba.errors import ConfigError, DataError
 from fba.registry import Registry
+from fba.tasks.image_files import image_size, read_image
 
 __all__ = [
     "SRDataInfo", "SR_DATASETS", "SRTrainPatches", "SRValImages", "SRPairs", "bicubic_downscale",
@@ -144,39 +145,6 @@ def bicubic_upscale(lr: Tensor, scale: int) -> Tensor:
 
 # --------------------------------------------------------------------------- image files
 
-def _open_error(path: Path, error: BaseException) -> DataError:
-    return DataError(f"cannot read image {path}: {type(error).__name__}: {error}".replace("\n", " "))
-
-
-def read_image(path: str | Path) -> Tensor:
-    """Decode an image file to RGB uint8 ``(3, H, W)``; unreadable files raise a DataError naming them."""
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"image {path} not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise _open_error(path, error) from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except FileNotFoundError:
-        raise DataError(f"image {path} not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        raise _open_error(path, error) from None
-    return height, width
-
-
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -234,7 +202,7 @@ def _check_sizes(pair: _Pair, hr_size: tuple[int, int], lr_size: tuple[int, int]
 
 
 def _size_of(source: ImageSource) -> tuple[int, int]:
-    return _image_size(source) if isinstance(source, Path) else (source.shape[-2], source.shape[-1])
+    return image_size(source) if isinstance(source, Path) else (source.shape[-2], source.shape[-1])
 
 
 class SRPairs:
