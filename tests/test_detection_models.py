@@ -115,7 +115,7 @@ def test_bp_learner_trains_a_step(model):
 
 
 @pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
-def test_fba_by_stage_trains_with_the_generic_slm(model):
+def test_fba_by_stage_trains_with_the_detection_slm(model):
     learner = fba.build_learner(**DET, model=model, method="fba", K=4, num_classes=3, num_samples=2)
     assert learner.K == 4 and len(learner.aux_nets) == 3
     images, targets = batch()
@@ -296,7 +296,9 @@ def test_plugin_config_batch_and_metadata():
     cfg = resolve_config(None, ["task=detection"])
     assert (cfg["model"], cfg["K"], cfg["data"]["name"], cfg["data"]["image_size"]) == (
         "retinanet_resnet18", 4, "shapes-det", 128)
-    assert cfg["det"] == {"anchor_sizes": None, "yolo_grid": None}
+    assert cfg["det"] == {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+                          "local_coarser": True}
+    assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
     assert plugin.build_task(cfg).name == "detection" and plugin.primary_metric == "map50"

@@ -27,9 +27,9 @@ from fba.tasks import TASKS, get_task, list_tasks
 from fba.tasks.plugin import TaskPlugin
 
 SRC = Path(fba.__file__).parent
-BUILTIN = ("classification", "super_resolution")
+BUILTIN = ("classification", "super_resolution", "detection")
 #: a model of each task small enough to train a step in a test, and an input size for it
-TINY = {"classification": ("resnet8", 16), "super_resolution": ("edsr_tiny", 8)}
+TINY = {"classification": ("resnet8", 16), "super_resolution": ("edsr_tiny", 8), "detection": ("retinanet_resnet18", 64)}
 #: what a plugin must implement itself (the base class only raises NotImplementedError)
 REQUIRED = ("model_registry", "dataset_registry", "build_task", "build_model", "build_datasets", "synthetic_batch",
             "describe_metrics", "export_metadata", "evaluate_run")
@@ -95,7 +95,7 @@ def test_describe_metrics_and_primary_metric_come_from_the_task():
     assert describe_metrics({"task": "classification", "top1": 0.5}) == "test top-1 0.5000"
     sr = {"psnr": 30.0, "psnr_bicubic": 28.0, "ssim": 0.9}
     assert describe_metrics(sr, "super_resolution").startswith("PSNR 30.00 dB (bicubic 28.00)")
-    assert [get_task(t).primary_metric for t in BUILTIN] == ["top1", "psnr"]
+    assert [get_task(t).primary_metric for t in BUILTIN] == ["top1", "psnr", "map50"]
 
 
 # ---- the core names no task -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import inspect
 import json
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from fba.rules import optional_positive_int
+from fba.rules import boolean, optional_positive_int
 from fba.tasks import TASKS
 from fba.tasks.plugin import TaskPlugin
 
@@ -32,19 +32,27 @@ class DetectionPlugin(TaskPlugin):
 
     The image size is ``data.image_size``: the datasets resize to it and the models are
     built for it (RetinaNet's transform and default anchors, YOLO's default grid). Its
-    config section ``det`` has two keys:
+    config section ``det`` has these keys:
 
     - ``anchor_sizes``: RetinaNet's base anchor size on P3..P7, or null for
       :func:`~fba.tasks.detection.models.default_anchor_sizes` of the image size
       (32..512 from 512 px up, scaled down below: 8..128 at 128 px);
-    - ``yolo_grid``: YOLOv1's S, or null for one cell per C5 pixel (image size / 32).
+    - ``yolo_grid``: YOLOv1's S, or null for one cell per C5 pixel (image size / 32);
+    - ``local_channels``: width of the local FPN and head of FBA's SLMs and DGL's FPN aux
+      (null: 64 divided by ``fba.reduction``, at least 16);
+    - ``local_head_convs``: 3x3 convs per branch of their RetinaNet heads (1..4; the main
+      head has 4);
+    - ``local_coarser``: whether their local FPNs make the coarser levels (up to P7) by
+      stride-2 convs.
     """
 
     name = "detection"
     description = "object detection: RetinaNet and YOLOv1 on ResNets from scratch, COCO mAP"
     config_section = "det"
-    config_defaults = {"anchor_sizes": None, "yolo_grid": None}
-    config_rules = {"anchor_sizes": anchor_sizes_rule, "yolo_grid": optional_positive_int}
+    config_defaults = {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+                       "local_coarser": True}
+    config_rules = {"anchor_sizes": anchor_sizes_rule, "yolo_grid": optional_positive_int,
+                    "local_channels": optional_positive_int, "local_head_convs": (1, 2, 3, 4), "local_coarser": boolean}
     # ``task=detection`` alone: RetinaNet-R18 on the built-in shapes at 128 px, K=4 by stage.
     task_defaults = {
         "model": "retinanet_resnet18",
@@ -56,10 +64,17 @@ class DetectionPlugin(TaskPlugin):
         "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
                   "schedule": "cosine", "warmup_epochs": 1.0},
         "train": {"epochs": 20},
+        # The detection bank is the finer-scale maps of earlier modules in the same step,
+        # fused into each SLM's local FPN (paper, Instantiation in Object Detection).
+        "fba": {"bank": {"source": "inpass", "usage": "input"}},
     }
     primary_metric = "map50"
     metric_label = "validation mAP@0.5"
-    offers: Mapping[str, Mapping[str, Any]] = {}
+    offers: Mapping[str, Mapping[str, Any]] = {
+        "fba": {"aux_nets": "fba.tasks.detection.local:build_fba_slms",
+                "bank": "fba.tasks.detection.local:build_fba_bank"},
+        "dgl": {"aux": "fba.tasks.detection.local:build_dgl_aux"},
+    }
 
     def model_registry(self) -> "Registry":
         from fba.tasks.detection.models import MODELS
@@ -90,8 +105,11 @@ class DetectionPlugin(TaskPlugin):
         accepted = inspect.signature(builder).parameters
         options = {"anchor_sizes": config["det"]["anchor_sizes"], "grid_size": config["det"]["yolo_grid"]}
         options = {key: value for key, value in options.items() if key in accepted}
-        return builder(num_classes=num_classes, in_channels=in_channels, image_size=config["data"]["image_size"],
-                       **options)
+        model = builder(num_classes=num_classes, in_channels=in_channels, image_size=config["data"]["image_size"],
+                        **options)
+        # What the auxiliary networks of local methods read (fba.tasks.detection.local).
+        model.local_settings = {key: config["det"][key] for key in ("local_channels", "local_head_convs", "local_coarser")}
+        return model
 
     def build_datasets(self, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
         data = config["data"]

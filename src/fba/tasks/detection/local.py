@@ -1,0 +1,394 @@
+"""Auxiliary networks and the feature bank of local learning for detection.
+
+- :class:`MultiScaleMapBank` is the detection bank (paper, "Instantiation in Object
+  Detection"): the whole output maps, detached, of the earlier modules of the current step
+  at the pyramid's finer scales (stride 8, 16, ...), each kept only until the last SLM that
+  reads it has run.
+- :class:`LocalFPN` is the light pyramid an auxiliary network builds on a module's map:
+  1x1 laterals, a nearest top-down pathway and 3x3 output convs (torchvision's FPN, no
+  normalisation, narrow), levels from P3 (stride 8) up to P7 (stride 128). Its finer levels
+  come from the bank (FBA) or are made from the module's own map by upsampling convs
+  (DGL); its coarser levels are made by stride-2 convs (as P6/P7 are).
+- :class:`DetectionSLM` is FBA's Simple Local Module for RetinaNet: a fresh stage-tail
+  block, a :class:`LocalFPN` fed by the bank, a :class:`LocalRetinaNetHead`.
+  :class:`YOLOSLM` is the one for YOLOv1 (single scale): the finer maps pooled to the
+  module's grid and added, then a YOLO head.
+- :class:`FPNAux` is DGL's FPN-style auxiliary network (paper Table 3): the module's map
+  only, a pyramid by upsampling and stride-2 convs, a light RetinaNet head; for YOLOv1 a
+  fresh YOLO head.
+
+The ``build_*`` functions at the end are what this task offers each method (registered in
+``plugin.py``). Their settings (``det.local_channels``, ``det.local_head_convs``,
+``det.local_coarser``) reach them on the model (``UnitModel.local_settings``, set by the
+plugin's ``build_model``), so the engine's build context carries no task option.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+
+from fba.tasks.detection.models import (
+    DetectionTrainingOutput, Detections, PyramidTaps, RetinaNetFPNHead, RetinaNetOutputs, _SingleMap,
+)
+
+if TYPE_CHECKING:
+    from fba.engine.units import UnitModel
+    from fba.methods.base import BuildContext
+    from fba.methods.fba import FBA
+
+#: strides of the pyramid levels P3..P7 (the main RetinaNet's)
+PYRAMID_STRIDES = (8, 16, 32, 64, 128)
+#: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
+DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True}
+
+
+def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
+    """The auxiliary networks' settings: ``channels`` (local FPN and head width: the
+    ``det.local_channels`` value, or 64 divided by ``reduction``, at least 16),
+    ``head_convs`` (3x3 convs per head branch, 1..4) and ``coarser`` (make P6/P7-like levels)."""
+    given = {**DEFAULT_LOCAL, **getattr(model, "local_settings", {})}
+    channels = given["local_channels"] or max(16, 64 // reduction)
+    return {"channels": int(channels), "head_convs": int(given["local_head_convs"]),
+            "coarser": bool(given["local_coarser"])}
+
+
+# --------------------------------------------------------------------------- the bank
+def finer_sources(strides: Sequence[int], K: int) -> list[list[int]]:
+    """For each module k < K-1, the earlier modules whose maps its SLM reads, fine to coarse:
+    for every pyramid stride (8, 16, ...) below module k's own, the latest earlier module
+    whose output has exactly that stride."""
+    out = []
+    for k in range(K - 1):
+        latest: dict[int, int] = {}
+        for j in range(k):
+            if strides[j] in PYRAMID_STRIDES and strides[j] < strides[k]:
+                latest[strides[j]] = j
+        out.append([latest[s] for s in sorted(latest)])
+    return out
+
+
+class MultiScaleMapBank:
+    """The in-pass bank of detection: earlier modules' whole output maps, detached, this step only.
+
+    Module j's map is stored (``h.detach()``, a reference: no copy, no compute) only if a later
+    SLM reads it, and dropped right after the last such SLM has read it, so at most one map
+    per pyramid scale is held at a time. Implements the engine's bank interface.
+
+    Args:
+        sources: for each module k < K-1, the modules whose maps SLM k reads
+            (:func:`finer_sources`).
+    """
+
+    source = "inpass"
+    needs_lookahead = False
+
+    def __init__(self, sources: Sequence[Sequence[int]]) -> None:
+        self.sources = [list(s) for s in sources]
+        self.last_reader = {j: k for k, js in enumerate(self.sources) for j in js}
+        self._maps: dict[int, Tensor] = {}
+        self.collectives = None
+
+    def begin_step(self, indices: Tensor | None) -> None:
+        self._maps.clear()
+
+    def write(self, k: int, h: Tensor) -> None:
+        if k in self.last_reader:
+            self._maps[k] = h.detach()
+
+    def read(self, k: int, device: Any) -> tuple[list[Tensor] | None, None]:
+        """Module k's finer maps ``[(N, C_j, H_j, W_j), ...]``, fine to coarse (None if none)."""
+        if k >= len(self.sources) or not self.sources[k]:
+            return None, None
+        missing = [j for j in self.sources[k] if j not in self._maps]
+        if missing:
+            raise RuntimeError(f"the detection bank has no map of modules {missing} for module {k} in this step")
+        maps = [self._maps[j].to(device) for j in self.sources[k]]
+        for j in self.sources[k]:
+            if self.last_reader[j] == k:
+                del self._maps[j]
+        return maps, None
+
+    def end_step(self) -> None:
+        self._maps.clear()
+
+    def step_features(self) -> dict[int, Tensor]:
+        """The maps still held (for a pipeline's next stage)."""
+        return dict(self._maps)
+
+    def load_step_features(self, features: dict[int, Tensor]) -> None:
+        self._maps.update({j: t.detach() for j, t in features.items()})
+
+    def step_entries(self) -> None:
+        return None  # no long-term entries
+
+    def tensors(self) -> list[Tensor]:
+        return list(self._maps.values())
+
+    def nbytes(self) -> int:
+        """Zero between steps; during a step the held maps are activations the forward made anyway."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the local FPN
+class LocalFPN(nn.Module):
+    """A narrow FPN on one module's map: ``forward(own, finer=()) -> [levels]``, fine to coarse.
+
+    Levels and their strides (``self.strides``):
+
+    - finer levels (strides 8 .. own/2): from ``finer_channels`` bank maps through 1x1
+      laterals (FBA), or, with ``make_finer``, made from the module's map by nearest 2x
+      upsampling and a 3x3 conv each (DGL);
+    - the module's own level at ``max(own_stride, 8)`` (a map finer than P3, the stem's or
+      layer1's, is brought to stride 8 by stride-2 3x3 convs);
+    - with ``coarser``, levels up to stride 128 by stride-2 3x3 convs from the own level's
+      output, ReLU between them (torchvision's ``LastLevelP6P7``).
+
+    Laterals are merged top-down (nearest upsampling + add) and each gets a 3x3 output conv.
+    No normalisation (torchvision's FPN has none).
+    """
+
+    def __init__(self, own_channels: int, own_stride: int, channels: int, finer_channels: Sequence[int] = (),
+                 finer_strides: Sequence[int] = (), make_finer: bool = False, coarser: bool = True) -> None:
+        super().__init__()
+        top = max(own_stride, PYRAMID_STRIDES[0])
+        down = int(round(math.log2(top / own_stride)))
+        if own_stride * 2 ** down != top:
+            raise ValueError(f"the local FPN needs a power-of-two stride, got {own_stride}")
+        if down:
+            layers: list[nn.Module] = []
+            for i in range(down):
+                layers += [nn.Conv2d(own_channels if i == 0 else channels, channels, 3, stride=2, padding=1)]
+                if i < down - 1:
+                    layers.append(nn.ReLU(inplace=True))
+            self.own_lateral = nn.Sequential(*layers)
+        else:
+            self.own_lateral = nn.Conv2d(own_channels, channels, 1)
+        if make_finer and finer_channels:
+            raise ValueError("the local FPN takes finer maps from the bank or makes them, not both")
+        self.make_finer = make_finer
+        if make_finer:
+            finer_strides = [s for s in PYRAMID_STRIDES if s < top]
+            self.upsamplers = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in finer_strides)
+            self.finer_laterals = nn.ModuleList()
+        else:
+            if len(finer_channels) != len(finer_strides):
+                raise ValueError("one stride per finer map")
+            self.upsamplers = nn.ModuleList()
+            self.finer_laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in finer_channels)
+        self.output_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1)
+                                          for _ in range(len(finer_strides) + 1))
+        coarse_strides = [s for s in PYRAMID_STRIDES if s > top] if coarser else []
+        self.coarse_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+                                          for _ in coarse_strides)
+        self.strides = [*finer_strides, top, *coarse_strides]
+        for m in self.modules():  # torchvision's FPN init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, own: Tensor, finer: Sequence[Tensor] = ()) -> list[Tensor]:
+        top = self.own_lateral(own)
+        if self.make_finer:
+            laterals, x = [top], top
+            for conv in self.upsamplers:
+                x = F.relu(conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+                laterals.insert(0, x)
+        else:
+            if len(finer) != len(self.finer_laterals):
+                raise ValueError(f"the local FPN was built for {len(self.finer_laterals)} finer maps, got {len(finer)}")
+            laterals = [lateral(f) for lateral, f in zip(self.finer_laterals, finer)] + [top]
+            for i in range(len(laterals) - 2, -1, -1):
+                laterals[i] = laterals[i] + F.interpolate(laterals[i + 1], size=laterals[i].shape[-2:], mode="nearest")
+        levels = [conv(x) for conv, x in zip(self.output_convs, laterals)]
+        x = levels[-1]
+        for i, conv in enumerate(self.coarse_convs):
+            x = conv(F.relu(x) if i else x)
+            levels.append(x)
+        return levels
+
+
+# --------------------------------------------------------------------------- heads
+class LocalRetinaNetHead(RetinaNetOutputs):
+    """A RetinaNet head on the local FPN's levels: ``[levels] ->`` training output or detections.
+
+    A torchvision ``RetinaNet`` (matcher, focal and box losses, box coder, NMS) whose anchors
+    are the main model's anchors of the levels the local FPN makes (by stride: 8 -> P3's,
+    ..., 128 -> P7's), and whose head is either a fresh ``RetinaNetHead`` of the local width
+    with ``num_convs`` 3x3 convs per branch (torchvision's has 4 and no option: the extra
+    ones are dropped), GroupNorm, or the main model's head itself (``shared``).
+    """
+
+    def __init__(self, main: RetinaNet, strides: Sequence[int], channels: int, taps: PyramidTaps,
+                 num_convs: int = 1, shared: bool = False) -> None:
+        super().__init__()
+        levels = [PYRAMID_STRIDES.index(s) for s in strides]
+        gen = main.anchor_generator
+        anchors = AnchorGenerator(tuple(gen.sizes[i] for i in levels), tuple(gen.aspect_ratios[i] for i in levels))
+        if shared:
+            head = main.head
+        else:
+            head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], main.head.classification_head.num_classes,
+                                 norm_layer=partial(nn.GroupNorm, math.gcd(32, channels)))
+            if not 1 <= num_convs <= 4:
+                raise ValueError(f"det.local_head_convs must be 1..4, got {num_convs}")
+            head.classification_head.conv = head.classification_head.conv[:num_convs]
+            head.regression_head.conv = head.regression_head.conv[:num_convs]
+        self.net = RetinaNet(_SingleMap(channels), main.head.classification_head.num_classes,
+                             anchor_generator=anchors, head=head)
+        object.__setattr__(self, "taps", taps)
+
+    def forward(self, levels: list[Tensor]) -> DetectionTrainingOutput | Detections:
+        return self._finish(self.net, levels)
+
+
+def _is_retinanet(model: "UnitModel") -> bool:
+    return isinstance(model.head, RetinaNetFPNHead)
+
+
+# --------------------------------------------------------------------------- FBA's SLMs
+class DetectionSLM(nn.Module):
+    """FBA's SLM for RetinaNet: ``forward(h, finer=None) -> (head output, None)``.
+
+    ``head([adapter(l) for l in fpn(block(h), finer)])``: a fresh stage-tail block (narrowed
+    by ``fba.reduction``), the local FPN fed by the bank's finer maps, a RetinaNet head;
+    ``adapter`` (1x1, shared across levels) widens the levels to a shared main head's width.
+    """
+
+    def __init__(self, block: nn.Module, fpn: LocalFPN, head: nn.Module, adapter: nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.fpn = fpn
+        self.adapter = adapter
+        self.head = head
+
+    def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+        levels = self.fpn(self.block(h), finer or ())
+        if self.adapter is not None:
+            levels = [self.adapter(level) for level in levels]
+        return self.head(levels), None
+
+
+class YOLOSLM(nn.Module):
+    """FBA's SLM for YOLOv1 (one scale): ``forward(h, finer=None) -> (head output, None)``.
+
+    ``head(adapter(block(h) + sum_j proj_j(avgpool(finer_j to the module's grid))))``.
+    """
+
+    def __init__(self, block: nn.Module, head: nn.Module, finer_channels: Sequence[int], channels: int,
+                 adapter: nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.projections = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in finer_channels)
+        self.adapter = adapter
+        self.head = head
+
+    def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+        z = self.block(h)
+        for proj, f in zip(self.projections, finer or ()):
+            z = z + proj(F.adaptive_avg_pool2d(f, z.shape[-2:]))
+        if self.adapter is not None:
+            z = self.adapter(z)
+        return self.head(z), None
+
+
+class FPNAux(nn.Module):
+    """DGL's FPN-style auxiliary network for RetinaNet: ``h -> head(fpn(h))``, no bank:
+    finer levels by upsampling convs, coarser by stride-2 convs, a light RetinaNet head."""
+
+    def __init__(self, fpn: LocalFPN, head: nn.Module) -> None:
+        super().__init__()
+        self.fpn = fpn
+        self.head = head
+
+    def forward(self, h: Tensor) -> Any:
+        return self.head(self.fpn(h))
+
+
+# --------------------------------------------------------------------------- offered to methods
+def _module_strides(ctx: "BuildContext") -> list[int]:
+    return [ctx.last_spec(k).downsample for k in range(ctx.K)]
+
+
+def _check_bank(method: "FBA") -> None:
+    if method.bank_source not in ("none", "inpass") or (method.bank_source == "inpass" and method.bank_usage != "input"):
+        raise ValueError("the detection bank is the finer-scale maps of the current step, fused into the local FPN: "
+                         "use fba.bank.source=inpass (or none) with fba.bank.usage=input")
+
+
+def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
+    """FBA's K-1 SLMs for detection: stage-tail block, local FPN on the bank's finer maps, head.
+
+    Module k's SLM maps ``(N, C_k, H_k, W_k)`` and its finer maps from the bank to the head's
+    training output (``DetectionTrainingOutput``) or, in eval, detections.
+
+    Raises:
+        ValueError: a bank other than the in-pass maps fused as input.
+    """
+    _check_bank(method)
+    model = ctx.model
+    settings = local_settings(model, method.reduction)
+    strides = _module_strides(ctx)
+    sources = finer_sources(strides, ctx.K) if method.bank_source == "inpass" else [[] for _ in range(ctx.K - 1)]
+    taps = model.head.taps
+    retina = _is_retinanet(model)
+    nets: list[nn.Module] = []
+    for k in range(ctx.K - 1):
+        spec = ctx.last_spec(k)
+        channels = max(1, spec.out_channels // method.reduction)
+        if spec.out_channels % 4 == 0 and channels % 4:  # a Bottleneck's width is a multiple of 4
+            channels = max(4, channels // 4 * 4)
+        block = model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
+        finer_channels = [ctx.module_channels[j] for j in sources[k]]
+        if retina:
+            width = settings["channels"]
+            fpn = LocalFPN(channels, spec.downsample, width, finer_channels, [strides[j] for j in sources[k]],
+                           coarser=settings["coarser"] or method.share_head)
+            main = model.plain
+            adapter = nn.Conv2d(width, main.backbone.out_channels, 1) if method.share_head else None
+            head = LocalRetinaNetHead(main, fpn.strides, width, taps, settings["head_convs"], shared=method.share_head)
+            nets.append(DetectionSLM(block, fpn, head, adapter))
+        else:
+            if method.share_head:
+                head = model.head
+                c5 = ctx.module_channels[-1]
+                adapter = nn.Conv2d(channels, c5, 1) if channels != c5 else None
+            else:
+                head, adapter = model.make_head(channels), None
+            nets.append(YOLOSLM(block, head, finer_channels, channels, adapter))
+    return nets
+
+
+def build_fba_bank(method: "FBA", ctx: "BuildContext") -> MultiScaleMapBank:
+    """FBA's bank for detection: the earlier modules' finer-scale maps of the step (FBA asks only
+    when it has a bank, i.e. ``fba.bank.source`` is not none and K > 1)."""
+    _check_bank(method)
+    return MultiScaleMapBank(finer_sources(_module_strides(ctx), ctx.K))
+
+
+def build_dgl_aux(ctx: "BuildContext", k: int) -> nn.Module:
+    """DGL's auxiliary network for module k: for RetinaNet an :class:`FPNAux` (the module's map
+    only: upsampling convs down to P3, stride-2 convs up to P7, a light RetinaNet head), for
+    YOLOv1 a fresh YOLO head on the module's map."""
+    spec = ctx.last_spec(k)
+    if not _is_retinanet(ctx.model):
+        return ctx.model.make_head(spec.out_channels)
+    settings = local_settings(ctx.model)
+    width = settings["channels"]
+    fpn = LocalFPN(spec.out_channels, spec.downsample, width, make_finer=True, coarser=settings["coarser"])
+    head = LocalRetinaNetHead(ctx.model.plain, fpn.strides, width, ctx.model.head.taps, settings["head_convs"])
+    return FPNAux(fpn, head)

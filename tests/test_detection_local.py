@@ -1,0 +1,193 @@
+"""FBA's detection SLMs and bank, and DGL's FPN aux: the DESIGN section 1 invariants for detection."""
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import RetinaNet
+
+import fba
+from fba.config import resolve_config
+from fba.errors import FBAError
+from fba.tasks import get_task
+from fba.tasks.detection.local import (
+    DetectionSLM, FPNAux, LocalFPN, MultiScaleMapBank, YOLOSLM, finer_sources, local_settings,
+)
+from fba.tasks.detection.models import torchvision_retinanet
+
+from conftest import assert_perturbing_aux_changes_only_its_module
+
+SIZE = 64
+DET = {"task": "detection", "device": "cpu", "data.image_size": SIZE}
+NO_MOMENTUM = {"optim.momentum": 0.0, "optim.nesterov": False, "optim.weight_decay": 0.0}
+
+
+def batch(n: int = 2, size: int = SIZE, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    cfg = resolve_config(None, ["task=detection"])
+    return get_task("detection").synthetic_batch(cfg, n, 3, size, 3, generator, torch.device("cpu"))
+
+
+def learner(model="retinanet_resnet18", method="fba", K=4, **options):
+    return fba.build_learner(**DET, model=model, method=method, K=K, num_classes=3, **options)
+
+
+# ---- what gets built ------------------------------------------------------------------------------
+def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
+    net = learner()
+    assert all(isinstance(aux, DetectionSLM) for aux in net.aux_nets)
+    assert isinstance(net.bank, MultiScaleMapBank)
+    # K=4 by stage: module 0 (stem + layer1, stride 4), 1 (layer2, stride 8), 2 (layer3, stride 16).
+    assert net.bank.sources == [[], [], [1]]
+    assert [len(aux.fpn.finer_laterals) for aux in net.aux_nets] == [0, 0, 1]
+    assert all(aux.fpn.strides == [8, 16, 32, 64, 128] for aux in net.aux_nets)
+    # The heads are light and of the main head's type, with its anchors on the same levels.
+    aux = net.aux_nets[2]
+    assert len(aux.head.net.head.classification_head.conv) == 1
+    assert aux.head.net.anchor_generator.sizes == net.plain.anchor_generator.sizes
+    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True}
+    slm = sum(p.numel() for p in aux.parameters())
+    assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
+
+
+def test_finer_sources_are_the_latest_earlier_module_of_each_finer_pyramid_scale():
+    # by block on ResNet-18: stem 4, layer1 4 4, layer2 8 8, layer3 16 16, layer4 32 32
+    strides = [4, 4, 4, 8, 8, 16, 16, 32, 32]
+    assert finer_sources(strides, 9) == [[], [], [], [], [], [4], [4], [4, 6]]
+    assert finer_sources([4, 8, 16, 32], 4) == [[], [], [1]]
+
+
+def test_settings_come_from_the_det_section():
+    net = learner(**{"det.local_channels": 32, "det.local_head_convs": 2, "det.local_coarser": False})
+    assert net.aux_nets[1].fpn.strides == [8] and net.aux_nets[2].fpn.strides == [8, 16]
+    assert len(net.aux_nets[2].head.net.head.regression_head.conv) == 2
+    assert net.aux_nets[0].fpn.output_convs[0].out_channels == 32
+    images, targets = batch()
+    assert math.isfinite(net.train_step(images, targets)["loss"])
+    with pytest.raises(FBAError, match="fba.bank.source=inpass"):
+        learner(**{"fba.bank.source": "longterm"})
+
+
+def test_local_fpn_shapes():
+    fpn = LocalFPN(128, 16, 32, finer_channels=[64], finer_strides=[8])
+    levels = fpn(torch.randn(2, 128, 4, 4), [torch.randn(2, 64, 8, 8)])
+    assert [tuple(level.shape[-2:]) for level in levels] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    made = LocalFPN(64, 4, 16, make_finer=True)  # stride 4 brought to P3 by a stride-2 conv
+    assert made.strides == [8, 16, 32, 64, 128] and len(made(torch.randn(1, 64, 16, 16))) == 5
+    dgl = LocalFPN(256, 16, 16, make_finer=True, coarser=False)
+    assert [tuple(level.shape[-2:]) for level in dgl(torch.randn(1, 256, 4, 4))] == [(8, 8), (4, 4)]
+
+
+def test_dgl_builds_fpn_aux_nets_without_a_bank():
+    net = learner(method="dgl")
+    assert net.bank is None and all(isinstance(aux, FPNAux) for aux in net.aux_nets)
+    assert all(aux.fpn.make_finer and aux.fpn.strides == [8, 16, 32, 64, 128] for aux in net.aux_nets)
+
+
+# ---- the invariants -------------------------------------------------------------------------------
+@pytest.mark.parametrize("step", ["global", "per_module"])
+@pytest.mark.parametrize("method, j", [("fba", 1), ("fba", 2), ("dgl", 1)])
+def test_perturbing_aux_j_changes_only_module_j(method, j, step):
+    images, targets = batch()
+    assert_perturbing_aux_changes_only_its_module(lambda: learner(method=method, **{"optim.step": step}),
+                                                  (images, targets, torch.arange(2)), j=j, scale=0.1)
+
+
+def test_yolo_smoke_isolation_and_training():
+    images, targets = batch()
+    assert_perturbing_aux_changes_only_its_module(lambda: learner("yolov1_resnet18"),
+                                                  (images, targets, torch.arange(2)), j=2, scale=0.1)
+    net = learner("yolov1_resnet18")
+    assert all(isinstance(aux, YOLOSLM) for aux in net.aux_nets)
+    assert [len(aux.projections) for aux in net.aux_nets] == [0, 0, 1]
+    dgl = learner("yolov1_resnet18", method="dgl")
+    for each in (net, dgl):
+        out = each.train_step(images, targets)
+        assert all(math.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize("method", ["fba", "dgl"])
+def test_K1_equals_bp(method):
+    images, targets = batch()
+    bp = fba.build_learner(**DET, model="retinanet_resnet18", method="bp", num_classes=3)
+    one = fba.build_learner(**DET, model="retinanet_resnet18", method=method, K=1, num_classes=3)
+    one.plain.load_state_dict(bp.plain.state_dict())
+    assert one.bank is None and len(one.aux_nets) == 0
+    for _ in range(2):
+        assert one.train_step(images, targets)["loss"] == bp.train_step(images, targets)["loss"]
+    for p, q in zip(one.plain.state_dict().values(), bp.plain.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fba", "dgl"])
+def test_export_after_local_training_loads_strictly_into_torchvision(method):
+    net = learner(method=method)
+    images, targets = batch()
+    for _ in range(2):
+        net.train_step(images, targets)
+    net.plain.head.classification_head.cls_logits.bias.data.zero_()  # scores above 0.05: detections to compare
+    exported = net.export()
+    assert isinstance(exported, RetinaNet) and not exported.training
+    reference = torchvision_retinanet(18, num_classes=3, image_size=SIZE)
+    reference.load_state_dict(exported.state_dict(), strict=True)
+    reference.eval()
+    net.eval()
+    with torch.no_grad():
+        theirs, ours = reference(list(images)), net(images)
+    assert sum(len(d["boxes"]) for d in theirs) > 0
+    for a, b in zip(ours, theirs):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def test_bank_holds_detached_maps_for_this_step_only_and_is_unused_in_eval():
+    net = learner(K=9, partition="count")
+    assert net.bank.sources[-1] == [4, 6]
+    images, targets = batch()
+    read, seen = net.bank.read, []
+
+    def spy(k, device):
+        maps, valid = read(k, device)
+        seen.append((k, [tuple(m.shape) for m in maps or []], list(net.bank.tensors()), maps or []))
+        return maps, valid
+
+    net.bank.read = spy
+    net.train_step(images, targets)
+    shapes = {k: s for k, s, _, _ in seen}
+    assert shapes[5] == [(2, 128, 8, 8)] and shapes[7] == [(2, 128, 8, 8), (2, 256, 4, 4)]
+    held = [t for *_, tensors, maps in seen for t in tensors + maps]
+    assert held and all(not t.requires_grad and t.grad_fn is None for t in held)
+    assert net.bank.tensors() == []  # freed after their last reader, nothing outlives the step
+
+    def refuse(*args):
+        raise AssertionError("the bank was used in eval")
+
+    net.bank.read = net.bank.write = refuse
+    net.eval()
+    with torch.no_grad():
+        net(images)
+    assert net.bank.tensors() == []
+
+
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
+def test_shared_head_is_the_main_head(model):
+    net = learner(model, **{"fba.share_head": True})
+    main = net.plain.head
+    for aux in net.aux_nets:
+        head = aux.head.net.head if model.startswith("retinanet") else aux.head.head
+        assert head is main
+        assert aux.adapter is not None
+    main_ids = {id(p) for p in main.parameters()}
+    assert main_ids <= {id(p) for p in net.aux_nets[0].parameters()}
+    images, targets = batch()
+    before = [p.detach().clone() for p in main.parameters()]
+    net.train_step(images, targets)
+    assert not all(torch.equal(a, b) for a, b in zip(before, main.parameters()))
+
+
+def test_retinanet_resnet34_k4_builds_and_trains_a_step():
+    net = fba.build_learner(task="detection", model="retinanet_resnet34", method="fba", K=4, num_classes=20)
+    assert net.K == 4 and len(net.aux_nets) == 3
+    images, targets = batch()
+    out = net.train_step(images, targets)
+    assert all(math.isfinite(v) for v in out.values())
