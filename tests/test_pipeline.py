@@ -1,5 +1,6 @@
 """distributed.mode=pipeline: modules on different processes, equal to one process's per-module step."""
 
+import contextlib
 import json
 import os
 import socket
@@ -19,6 +20,18 @@ OPTS = dict(model="resnet8", K=4, num_classes=10, num_samples=16, **{"optim.step
 # wait for their long-term entries from the last rank before its very next batch.
 ORDER = [list(range(0, 8)), list(range(8, 16)), list(range(8, 16)), list(range(0, 8)), [1, 3, 5, 7, 9, 11, 13, 15],
          [0, 2, 4, 6, 8, 10, 12, 14]]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Equal parameters need equal float reductions: the stages run one thread each, so the
+    single-process reference does too (another thread count reorders a convolution's sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
@@ -78,8 +91,9 @@ def test_pipeline_equals_the_single_process_per_module_step(tmp_path, method, gr
     reads = []
     if single.bank is not None:
         _recording_reads(single, reads)
-    for batch in _batches():
-        single.train_step(*batch)
+    with one_thread():
+        for batch in _batches():
+            single.train_step(*batch)
     for name, value in single.named_parameters():
         assert torch.equal(piped["params"][name], value), name
     for name, value in single.named_buffers():
@@ -130,10 +144,9 @@ def test_torchrun_pipeline_run_equals_an_ordinary_per_module_run(tmp_path):
     from fba.cli import main
 
     from io import StringIO
-    import contextlib
 
     stdout = StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), one_thread():
         assert main(["train", *common, "optim.step=per_module", f"train.runs_dir={tmp_path / 'one'}", "--json"]) == 0
     single = json.loads(stdout.getvalue().strip().splitlines()[-1])
     assert piped["top1"] == single["top1"] and piped["test_loss"] == pytest.approx(single["test_loss"], abs=1e-6)
