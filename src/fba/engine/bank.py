@@ -228,3 +228,31 @@ class FeatureBank:
         if self.table is not None and self.filled is not None and state:
             self.table = state["table"].to(self.table.device, self.table.dtype).clone()
             self.filled = state["filled"].to(self.filled.device).clone()
+
+
+class StepOnlyBank:
+    """Base of a task's bank that keeps nothing across steps (maps of the current batch only).
+
+    Such a bank has no long-term entries and no state to checkpoint. Subclasses implement
+    ``begin_step``, ``write``, ``read``, ``end_step``, ``tensors`` and the in-pass hand-over
+    (``step_features``, ``load_step_features``) of the engine's bank interface.
+    """
+
+    source = "inpass"
+    needs_lookahead = False
+    collectives = None  # nothing to gather: every process's step is its own
+
+    def step_entries(self) -> None:
+        return None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[Tensor]:
+        return []
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass

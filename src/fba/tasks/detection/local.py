@@ -36,6 +36,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 
+from fba.engine.bank import StepOnlyBank
 from fba.tasks.detection.models import (
     DetectionTrainingOutput, Detections, PyramidTaps, RetinaNetFPNHead, RetinaNetOutputs, _SingleMap,
 )
@@ -76,7 +77,7 @@ def finer_sources(strides: Sequence[int], K: int) -> list[list[int]]:
     return out
 
 
-class MultiScaleMapBank:
+class MultiScaleMapBank(StepOnlyBank):
     """The in-pass bank of detection: earlier modules' whole output maps, detached, this step only.
 
     Module j's map is stored (``h.detach()``, a reference: no copy, no compute) only if a later
@@ -88,14 +89,10 @@ class MultiScaleMapBank:
             (:func:`finer_sources`).
     """
 
-    source = "inpass"
-    needs_lookahead = False
-
     def __init__(self, sources: Sequence[Sequence[int]]) -> None:
         self.sources = [list(s) for s in sources]
         self.last_reader = {j: k for k, js in enumerate(self.sources) for j in js}
         self._maps: dict[int, Tensor] = {}
-        self.collectives = None
 
     def begin_step(self, indices: Tensor | None) -> None:
         self._maps.clear()
@@ -127,21 +124,8 @@ class MultiScaleMapBank:
     def load_step_features(self, features: dict[int, Tensor]) -> None:
         self._maps.update({j: t.detach() for j, t in features.items()})
 
-    def step_entries(self) -> None:
-        return None  # no long-term entries
-
     def tensors(self) -> list[Tensor]:
         return list(self._maps.values())
-
-    def nbytes(self) -> int:
-        """Zero between steps; during a step the held maps are activations the forward made anyway."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- the local FPN

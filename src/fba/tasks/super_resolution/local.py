@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from fba.engine.bank import StepOnlyBank
 from fba.tasks.super_resolution.models import EarlyMap
 
 if TYPE_CHECKING:
@@ -59,15 +60,13 @@ class SRLocalModule(nn.Module):
         return self.tail(z), None
 
 
-class EarlyMapBank:
+class EarlyMapBank(StepOnlyBank):
     """The feature bank for SR: the head conv's output for the current batch, detached.
 
     It is the tensor the main network keeps anyway for its global skip, so it costs no
-    compute and no memory beyond a reference. Implements the engine's bank interface.
+    compute and no memory beyond a reference; memory reports count it as an activation (the
+    bank stores no tensors of its own). Implements the engine's bank interface.
     """
-
-    source = "inpass"
-    needs_lookahead = False
 
     def __init__(self, early: EarlyMap) -> None:
         self.early = early
@@ -87,23 +86,6 @@ class EarlyMapBank:
 
     def step_features(self) -> dict[int, Tensor]:
         return {}  # nothing beyond the early map, which the model itself carries
-
-    def step_entries(self) -> None:
-        return None  # no long-term entries
-
-    def tensors(self) -> list[Tensor]:
-        """What the bank itself stores: nothing. The early map is an activation the network
-        keeps for its global skip anyway, so memory reports count it as one."""
-        return []
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        pass
 
 
 class ConvReconstructionAux(nn.Module):
