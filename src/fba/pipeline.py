@@ -100,6 +100,18 @@ def measure_module_costs(learner, inputs: Tensor, targets: Any, indices: Tensor 
     return costs
 
 
+def balanced_groups(learner, batch: tuple[Tensor, Any, Tensor | None] | None, world_size: int) -> list[range]:
+    """Every rank's module group, balanced on rank 0 by :func:`measure_module_costs` on ``batch``
+    (given on rank 0 only, None elsewhere) and broadcast, so that all ranks agree."""
+    import torch.distributed as dist
+
+    groups: list[Any] = [None]
+    if batch is not None:
+        groups = [[(g.start, g.stop) for g in balance(measure_module_costs(learner, *batch), world_size)]]
+    dist.broadcast_object_list(groups, src=0)
+    return [range(a, b) for a, b in groups[0]]
+
+
 # ---- messages -----------------------------------------------------------------------------------
 def _header(tensors: Sequence[Tensor | None]) -> Tensor:
     codes: list[int] = [len(tensors)]

@@ -97,15 +97,11 @@ def _worker(rank: int, cfg: dict, method: str, overrides: dict, mode: str, what:
         def step() -> None:
             learner.train_step(images, targets, indices)
     else:
-        from fba.pipeline import PipelineStage, balance, measure_module_costs
+        from fba.pipeline import PipelineStage, balanced_groups
 
-        groups = [None]
-        if rank == 0:
-            costs = measure_module_costs(learner, images, targets, indices)
-            groups = [[(g.start, g.stop) for g in balance(costs, WORLD_SIZE)]]
-        dist.broadcast_object_list(groups, src=0)
-        result["groups"] = groups[0]
-        stage = PipelineStage(learner, [range(a, b) for a, b in groups[0]], rank, device)
+        groups = balanced_groups(learner, (images, targets, indices) if rank == 0 else None, WORLD_SIZE)
+        result["groups"] = [(g.start, g.stop) for g in groups]
+        stage = PipelineStage(learner, groups, rank, device)
         owned = [p for k in stage.modules for p in learner.units[k].parameters()]
 
         def setup() -> None:

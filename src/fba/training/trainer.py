@@ -87,19 +87,14 @@ class Trainer:
         self.peak_memory_bytes: int | None = None
 
     def _pipeline_stage(self):
-        """This rank's pipeline stage, the module groups balanced by measured forward cost."""
-        import torch.distributed as dist
+        """This rank's pipeline stage, the module groups balanced by each module's measured step."""
+        from fba.pipeline import PipelineStage, balanced_groups
 
-        from fba.pipeline import PipelineStage, balance, measure_module_costs
-
-        groups = [None]
+        batch = None
         if self.dist.is_main:
             images, targets, indices = next(iter(self.loader(True, 0)))
-            costs = measure_module_costs(self.learner, images.to(self.device), self.task_plugin.targets_to(targets, self.device),
-                                         indices)
-            groups = [[(g.start, g.stop) for g in balance(costs, self.dist.world_size)]]
-        dist.broadcast_object_list(groups, src=0)
-        ranges = [range(a, b) for a, b in groups[0]]
+            batch = (images.to(self.device), self.task_plugin.targets_to(targets, self.device), indices)
+        ranges = balanced_groups(self.learner, batch, self.dist.world_size)
         self.log(f"pipeline: modules {', '.join(f'{r.start}-{r.stop - 1}' for r in ranges)} on ranks "
                  f"0-{len(ranges) - 1}")
         self.module_groups = ranges

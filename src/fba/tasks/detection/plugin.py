@@ -82,15 +82,8 @@ class DetectionPlugin(TaskPlugin):
         return MODELS
 
     def dataset_registry(self) -> "Registry":
-        """The detection datasets; an empty registry while the data module is absent."""
-        try:
-            from fba.tasks.detection.data import DATASETS
-        except ModuleNotFoundError as error:
-            if error.name != "fba.tasks.detection.data":
-                raise
-            from fba.registry import Registry
+        from fba.tasks.detection.data import DATASETS
 
-            return Registry("dataset")
         return DATASETS
 
     def build_task(self, config: Mapping[str, Any]) -> Any:
