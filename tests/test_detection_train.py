@@ -19,3 +19,79 @@ def test_train_detection_from_the_cli_on_voc_files(tmp_path, capsys, method):
     assert code == 0 and summary["task"] == "detection" and summary["dataset"] == "voc"
     assert {"map", "map50", "map75", "peak_memory_bytes"} <= set(summary)
     assert 0.0 <= summary["map50"] <= 1.0 and summary["peak_memory_bytes"] > 0
+
+
+def test_eval_prints_the_per_class_table_and_draws_detections(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fba.tasks.detection.data import VOC_CLASSES
+
+    root = tmp_path / "voc"
+    _voc(root)
+    runs = tmp_path / "runs"
+    assert main(["train", "task=detection", "method=fba", "data.name=voc", f"data.root={root}", "data.image_size=64",
+                 "data.batch_size=2", "data.eval_batch_size=2", "train.epochs=1", "train.progress=false",
+                 f"train.runs_dir={runs}", "train.name=det"]) == 0
+    capsys.readouterr()
+    # The table: one row per VOC class, difficult objects not counted, a mean row.
+    assert main(["eval", str(runs / "det"), "det.draw_score=0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("voc validation: mAP@0.5") and "AP50 (11-pt)" in lines[1]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if not line.startswith("-")}
+    assert set(rows) == {*VOC_CLASSES, "mean"}
+    assert rows["person"][0] == "1" and rows["tvmonitor"][0] == "0" and rows["mean"][0] == "2"
+    assert rows["tvmonitor"][1] == "nan"  # only a difficult object: no AP, left out of the mean
+    assert main(["eval", str(runs / "det"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["class"] for r in result["per_class"]] == [*VOC_CLASSES, "mean"]
+
+    # A folder of images of any size, without the dataset: PNGs of the same size, boxes drawn.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (70, 40, 3), dtype=np.uint8)).save(folder / "tall.png")
+    import shutil
+
+    shutil.rmtree(root)
+    out = tmp_path / "drawn"
+    assert main(["eval", str(runs / "det"), "--images", str(folder), "--out", str(out), "det.draw_score=0",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 2 and result["out"] == str(out)
+    assert Image.open(out / "wide.png").size == (90, 50) and Image.open(out / "tall.png").size == (40, 70)
+
+
+def test_detect_maps_boxes_back_to_each_images_own_pixels():
+    import torch
+
+    from fba.tasks.detection.draw import detect
+
+    class WholeInput(torch.nn.Module):
+        """Finds one object covering its whole (square) input."""
+
+        def forward(self, batch):
+            size = batch.shape[-1]
+            assert batch.shape[-2:] == (size, size)
+            return [{"boxes": torch.tensor([[0., 0., size / 2, size]]), "scores": torch.tensor([0.7]),
+                     "labels": torch.tensor([3])} for _ in batch]
+
+    found = detect(WholeInput(), [torch.rand(3, 50, 90), torch.rand(3, 70, 40)], image_size=64,
+                   device=torch.device("cpu"))
+    assert found[0]["boxes"].tolist() == [[0.0, 0.0, 45.0, 50.0]] and found[1]["boxes"].tolist() == [[0.0, 0.0, 20.0, 70.0]]
+    assert found[1]["labels"].tolist() == [3] and found[1]["scores"].tolist() == [0.699999988079071]
+
+
+def test_draw_detections_labels_boxes_above_the_threshold_only():
+    import torch
+
+    from fba.tasks.detection.draw import draw_detections
+
+    image = torch.zeros(3, 40, 40)
+    detections = {"boxes": torch.tensor([[2., 2., 20., 20.], [25., 25., 38., 38.]]),
+                  "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 0])}
+    drawn = draw_detections(image, detections, ["a", "b"], score_threshold=0.5)
+    assert drawn.dtype == torch.uint8 and drawn.shape == (3, 40, 40)
+    assert drawn[:, 2, 2:20].sum() > 0  # the kept box's edge
+    assert drawn[:, 30:38, 37].sum() == 0 and drawn[:, 37, 30:38].sum() == 0  # the low-score box is not drawn

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fba.errors import ConfigError, DataError
+from fba.tasks.image_files import read_image, read_image_folder, save_image
 from fba.tasks.super_resolution.data import (
-    PHOTOS_SR_TRAIN, PHOTOS_SR_VAL, SR_DATASETS, bicubic_downscale, bicubic_upscale, read_image,
-    read_image_folder, save_image,
+    PHOTOS_SR_TRAIN, PHOTOS_SR_VAL, SR_DATASETS, bicubic_downscale, bicubic_upscale,
 )
 
 

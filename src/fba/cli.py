@@ -137,11 +137,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fba.build import resolve_device
     from fba.tasks import get_task
 
-    cfg, learner, test_set, _ = _learner_from_run(args.run, args.overrides, need_data=args.images is None)
+    cfg, learner, test_set, info = _learner_from_run(args.run, args.overrides, need_data=args.images is None)
     device = resolve_device(cfg["device"])
     run_dir = _run_dir_and_weights(args.run)[0]
     result, text = get_task(cfg["task"]).evaluate_run(cfg, learner, test_set, device, run_dir=run_dir,
-                                                      images=args.images, out=args.out)
+                                                      images=args.images, out=args.out, info=info)
     return _report(args, {"run": args.run, **result}, text)
 
 
@@ -186,7 +186,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     title = f"{cfg['model']}, batch {args.batch_size}, {args.input_size}x{args.input_size}"
     if args.what == "memory":
         rows = runner.measure_memory(cfg, methods, steps=args.steps, **common)
-        columns = ["method", "K", "peak_bytes", "params", "grads", "optimizer", "bank", "activations", "memory_ratio_to_bp"]
+        columns = ["method", "K", "peak_bytes", "params", "grads", "optimizer", "bank", "activations", "peak_module",
+                   "memory_ratio_to_bp"]
         chart = report.memory_chart(rows, out_dir / "memory.png", f"peak training memory: {title} ({rows[0]['backend']})")
     else:
         rows = runner.measure_time(cfg, methods, warmup=args.warmup, steps=args.steps, **common)

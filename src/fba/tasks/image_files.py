@@ -10,6 +10,8 @@ from torch import Tensor
 
 from fba.errors import DataError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 # What PIL raises for a truncated, corrupt or hostile file.
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
 
@@ -46,3 +48,36 @@ def image_size(path: Path, what: str = "") -> tuple[int, int]:
     except (*_UNREADABLE, Image.DecompressionBombError) as error:
         raise image_error(path, error, what) from None
     return height, width
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder (by suffix, :data:`IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image_folder(path: str | Path) -> list[tuple[str, Tensor]]:
+    """All images of a folder, sorted by file name: ``[(stem, float32 (3, H, W) in [0, 1]), ...]``.
+
+    Used by ``fba eval RUN --images``; the stem names the output file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} not found")
+    files = list_images(folder)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    stems: dict[str, Path] = {}
+    for file in files:
+        if file.stem in stems:
+            raise DataError(f"two images named {file.stem!r} in {folder}: {stems[file.stem].name} and {file.name}")
+        stems[file.stem] = file
+    return [(file.stem, read_image(file).float() / 255) for file in files]
+
+
+def save_image(image: Tensor, path: str | Path) -> None:
+    """Write a float ``(3, H, W)`` image in [0, 1] as an 8-bit file (PNG by suffix), rounding as the metrics do."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(array)).save(path)

@@ -128,13 +128,16 @@ class TaskPlugin:
         raise NotImplementedError
 
     def evaluate_run(self, config: Mapping[str, Any], learner: Any, eval_set: Any, device: "torch.device", *,
-                     run_dir: Any, images: str | None, out: str | None) -> tuple[dict[str, Any], str]:
+                     run_dir: Any, images: str | None, out: str | None, info: Any = None
+                     ) -> tuple[dict[str, Any], str]:
         """``fba eval``: evaluate a trained learner and return ``(result, human sentence)``.
 
         Args:
             eval_set: the run's test or validation split (None when ``images`` is given and
                 :meth:`offline_data_info` made loading it unnecessary).
             run_dir: the run folder (a default place for written outputs).
+            info: the data facts the model was built from (``num_classes``, ``class_names``
+                where the dataset has them), saved with the run's weights.
             images, out: ``--images FOLDER`` and ``--out FOLDER``; a task that writes no
                 images raises :class:`~fba.errors.ConfigError` when they are given.
         """

@@ -36,7 +36,7 @@ DATA_FACTS = "data_facts"
 
 
 def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], epoch: int,
-                    data_facts: dict[str, int] | None = None) -> None:
+                    data_facts: dict[str, Any] | None = None) -> None:
     """Write weights, then state; both carry the epoch so a torn pair is detected on load.
 
     ``data_facts`` (``in_channels``, ``num_classes``, ...) are the shape facts the model was
@@ -68,7 +68,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(path)[0]
 
 
-def load_weights_and_data_facts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+def load_weights_and_data_facts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """A checkpoint's weights and the data facts saved with them (None for older runs)."""
     weights, metadata = _read_safetensors(path)
     facts = metadata.get(DATA_FACTS)

@@ -296,10 +296,15 @@ class Trainer:
         state = {"rows": rows, "learner": self.learner.training_state(), "peak_memory_bytes": self.peak_memory_bytes}
         save_checkpoint(self.run_dir / "checkpoints", self.learner.weights(), state, epoch, data_facts=self.data_facts())
 
-    def data_facts(self) -> dict[str, int]:
-        """The shape facts of the data that the model was built from (saved with its weights)."""
-        return {key: getattr(self.info, key) for key in ("in_channels", "num_classes", "num_train")
-                if isinstance(getattr(self.info, key, None), int)}
+    def data_facts(self) -> dict[str, Any]:
+        """The facts of the data that the model was built from (saved with its weights): its
+        shape facts, and the class names where the dataset has them (to label predictions)."""
+        facts: dict[str, Any] = {key: getattr(self.info, key) for key in ("in_channels", "num_classes", "num_train")
+                                 if isinstance(getattr(self.info, key, None), int)}
+        names = getattr(self.info, "class_names", None)
+        if names and all(isinstance(name, str) for name in names):
+            facts["class_names"] = list(names)
+        return facts
 
     def summary(self) -> dict[str, Any]:
         timed = [r["seconds"] for r in self.rows]

@@ -71,7 +71,8 @@ class ClassificationPlugin(TaskPlugin):
         return {"num_classes": str(info.num_classes)}
 
     def evaluate_run(self, config: Mapping[str, Any], learner: Any, eval_set: Any, device: "torch.device", *,
-                     run_dir: Any, images: str | None, out: str | None) -> tuple[dict[str, Any], str]:
+                     run_dir: Any, images: str | None, out: str | None, info: Any = None
+                     ) -> tuple[dict[str, Any], str]:
         """Top-1 and loss of the learner on the test split (batches of ``data.eval_batch_size``)."""
         from torch.utils.data import DataLoader
 

@@ -47,15 +47,14 @@ class DetectionTask:
         return h.mean(dim=(2, 3))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-        """COCO-style mAP (``fba.metrics.coco_map``) over ``(images, targets, indices)`` batches.
+    def predict(self, model: nn.Module, batches: Iterable, device: torch.device
+                ) -> tuple[list[dict[str, Tensor]], Targets, float]:
+        """Run ``model`` in eval mode over ``(images, targets, indices)`` batches.
 
-        ``model`` in eval mode returns one ``{"boxes", "scores", "labels"}`` per image. The
-        ``loss`` is the mean training loss per batch where the model's output can give it
-        (the learner's heads can; an exported torchvision model cannot: then NaN).
+        Returns ``(predictions, targets, loss)``: one ``{"boxes", "scores", "labels"}`` and one
+        target per image (on the CPU), and the mean training loss per batch where the model's
+        output can give it (the learner's heads can; an exported torchvision model cannot: NaN).
         """
-        from fba.metrics import coco_map
-
         was_training = model.training
         model.eval()
         predictions: list[dict[str, Tensor]] = []
@@ -65,11 +64,47 @@ class DetectionTask:
             images = images.to(device) if isinstance(images, Tensor) else [image.to(device) for image in images]
             detections = model(images)
             if callable(getattr(detections, "losses", None)):
-                loss_sum += self.loss(detections, targets).item()
+                loss_sum += self.loss(detections, targets_to(targets, device)).item()
                 loss_batches += 1
             predictions += targets_to(list(detections), "cpu")
             truths += targets_to(targets, "cpu")
         model.train(was_training)
+        return predictions, truths, loss_sum / loss_batches if loss_batches else math.nan
+
+    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+        """COCO-style mAP (``fba.metrics.coco_map``) and the mean ``loss`` (:meth:`predict`)."""
+        from fba.metrics import coco_map
+
+        predictions, truths, loss = self.predict(model, batches, device)
         metrics = {key: float(value) for key, value in coco_map(predictions, truths).items()}
-        metrics["loss"] = loss_sum / loss_batches if loss_batches else math.nan
+        metrics["loss"] = loss
         return metrics
+
+
+def per_class_table(predictions: list[dict[str, Tensor]], targets: Targets, class_names: list[str] | tuple[str, ...]
+                    ) -> tuple[list[dict[str, Any]], str]:
+    """VOC AP at IoU 0.5 per class, 11-point (VOC2007, the paper's Table 2) and area (VOC2010+).
+
+    Returns the rows ``{"class", "objects", "ap50_11pt", "ap50_area"}`` (difficult objects
+    neither counted nor penalised) with a last ``"mean"`` row, and the table as text.
+    """
+    from fba.metrics import voc_ap
+
+    num_classes = len(class_names)
+    eleven = voc_ap(predictions, targets, num_classes, use_07_metric=True)
+    area = voc_ap(predictions, targets, num_classes, use_07_metric=False)
+    counts = [0] * num_classes
+    for target in targets:
+        ignored = target.get("difficult", torch.zeros(len(target["labels"]), dtype=torch.bool))
+        for label in target["labels"][~ignored.bool()].tolist():
+            counts[label] += 1
+    rows = [{"class": name, "objects": counts[c], "ap50_11pt": eleven["ap"][c], "ap50_area": area["ap"][c]}
+            for c, name in enumerate(class_names)]
+    rows.append({"class": "mean", "objects": sum(counts), "ap50_11pt": eleven["map"], "ap50_area": area["map"]})
+    width = max(len("class"), *(len(str(r["class"])) for r in rows))
+    lines = [f"{'class':<{width}}  objects  AP50 (11-pt)  AP50 (area)"]
+    for r in rows:
+        if r["class"] == "mean":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{r['class']:<{width}}  {r['objects']:>7}  {r['ap50_11pt']:>12.4f}  {r['ap50_area']:>11.4f}")
+    return rows, "\n".join(lines)

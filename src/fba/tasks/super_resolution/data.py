@@ -65,14 +65,13 @@ from torch.utils.data import Dataset
 
 from fba.errors import ConfigError, DataError
 from fba.registry import Registry
-from fba.tasks.image_files import image_size, read_image
+from fba.tasks.image_files import IMAGE_SUFFIXES, image_size, list_images, read_image
 
 __all__ = [
     "SRDataInfo", "SR_DATASETS", "SRTrainPatches", "SRValImages", "SRPairs", "bicubic_downscale",
     "bicubic_upscale", "read_image", "read_image_folder", "save_image", "PHOTOS_SR_TRAIN", "PHOTOS_SR_VAL",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_PATCHES_PER_EPOCH = 1600  # 100 batches of 16, EDSR's batch size
 
 PHOTOS_SR_TRAIN = ("astronaut", "coffee", "rocket", "flower", "hubble_deep_field", "retina",
@@ -144,38 +143,6 @@ def bicubic_upscale(lr: Tensor, scale: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- image files
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_image_folder(path: str | Path) -> list[tuple[str, Tensor]]:
-    """All images of a folder, sorted by file name: ``[(stem, float32 (3, H, W) in [0, 1]), ...]``.
-
-    Used by ``fba eval`` to super-resolve arbitrary LR images; the stem names the output file.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} not found")
-    files = _list_images(folder)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    stems: dict[str, Path] = {}
-    for file in files:
-        if file.stem in stems:
-            raise DataError(f"two images named {file.stem!r} in {folder}: {stems[file.stem].name} and {file.name}")
-        stems[file.stem] = file
-    return [(file.stem, read_image(file).float() / 255) for file in files]
-
-
-def save_image(image: Tensor, path: str | Path) -> None:
-    """Write a float ``(3, H, W)`` image in [0, 1] as an 8-bit file (PNG by suffix), rounding as the metrics do."""
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
-
 
 # --------------------------------------------------------------------------- datasets
 
@@ -349,7 +316,7 @@ def _check_args(scale: Any, patch_size: Any, patches_per_epoch: Any, eval_crop: 
 
 
 def _lr_lookup(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in _list_images(folder)}
+    return {p.stem: p for p in list_images(folder)}
 
 
 def _require_dir(path: Path, layout: str) -> None:
@@ -360,7 +327,7 @@ def _require_dir(path: Path, layout: str) -> None:
 def _div2k_pairs(hr_dir: Path, lr_dir: Path, ids: range, scale: int) -> list[_Pair]:
     lr_files = _lr_lookup(lr_dir)
     pairs = []
-    for hr in _list_images(hr_dir):
+    for hr in list_images(hr_dir):
         if not (hr.stem.isdigit() and int(hr.stem) in ids):
             continue
         lr = lr_files.get(f"{hr.stem}x{scale}")
@@ -424,7 +391,7 @@ def benchmark(root: str = "./data/benchmark/Set5", scale: int = 2, patch_size: i
             warnings.warn(f"{lr_dir} not found: making x{scale} LR images by bicubic downscaling of {hr_dir}",
                           stacklevel=2)
             lr_dir = None
-    hr_files = _list_images(hr_dir)
+    hr_files = list_images(hr_dir)
     if not hr_files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {hr_dir}; expected {layout}")
     lr_files = _lr_lookup(lr_dir) if lr_dir is not None else {}

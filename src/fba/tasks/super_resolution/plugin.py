@@ -117,7 +117,8 @@ class SuperResolutionPlugin(TaskPlugin):
         return {"scale": str(config["sr"]["scale"])}
 
     def evaluate_run(self, config: Mapping[str, Any], learner: Any, eval_set: Any, device: "torch.device", *,
-                     run_dir: Any, images: str | None, out: str | None) -> tuple[dict[str, Any], str]:
+                     run_dir: Any, images: str | None, out: str | None, info: Any = None
+                     ) -> tuple[dict[str, Any], str]:
         """Metrics on the run's validation set, or super-resolved PNGs of a folder of LR images.
 
         With ``images``: every image of that folder, upscaled, as ``<out>/<name>.png``
@@ -127,7 +128,7 @@ class SuperResolutionPlugin(TaskPlugin):
         import torch
         from torch.utils.data import DataLoader
 
-        from fba.tasks.super_resolution.data import read_image_folder, save_image
+        from fba.tasks.image_files import read_image_folder, save_image
 
         scale, dataset = config["sr"]["scale"], config["data"]["name"]
         model = learner.export().to(device)
