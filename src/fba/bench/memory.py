@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,13 +34,16 @@ class LiveTensorTracker(TorchDispatchMode):
     returning tensors) which live storages belong to them, giving a breakdown of the peak.
     """
 
-    def __init__(self, categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None) -> None:
+    def __init__(self, categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None,
+                 phase: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
         self.categories = dict(categories or {})
         self.peak_breakdown: dict[str, int] = {}
+        self.phase = phase
+        self.peak_phase: Any = None
 
     def register(self, tensors: Iterable[Tensor | None]) -> None:
         for t in tensors:
@@ -70,6 +73,8 @@ class LiveTensorTracker(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_breakdown = self._breakdown()
+            if self.phase is not None:
+                self.peak_phase = self.phase()
 
     def _breakdown(self) -> dict[str, int]:
         counted: set[int] = set()
@@ -121,9 +126,52 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
+class ModuleMarker:
+    """Knows which local module a learner is running, so a peak can be blamed on one.
+
+    A forward pre-hook on each of ``modules`` sets :attr:`current` to its index. A module's
+    backward (and, with per-module stepping, its optimizer step) runs before the next
+    module's forward, so the index also covers them. On CUDA the allocator's running peak
+    is read at each change: the module during which it last rose is the one at the peak.
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module], device: torch.device | str = "cpu") -> None:
+        self.current: int | None = None
+        self.device = torch.device(device)
+        self._cuda_peak = 0
+        self.cuda_peak_module: int | None = None
+        self._handles = [module.register_forward_pre_hook(self._enter(k)) for k, module in enumerate(modules)]
+
+    def _enter(self, k: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            self._note_cuda_peak()
+            self.current = k
+        return hook
+
+    def _note_cuda_peak(self) -> None:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if peak > self._cuda_peak:
+                self._cuda_peak, self.cuda_peak_module = peak, self.current
+
+    def reset(self) -> None:
+        """Forget the running peak (call after resetting the allocator's peak statistics)."""
+        self.current, self._cuda_peak, self.cuda_peak_module = None, 0, None
+
+    def finish(self) -> int | None:
+        """Close the last interval; the CUDA peak's module (None on CPU)."""
+        self._note_cuda_peak()
+        return self.cuda_peak_module
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = None,
                 existing: Iterable[Tensor] = (),
-                categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None) -> dict[str, Any]:
+                categories: Mapping[str, Callable[[], Iterable[Tensor]]] | None = None,
+                marker: ModuleMarker | None = None) -> dict[str, Any]:
     """Run ``fn()`` and report its peak memory in bytes.
 
     Args:
@@ -134,9 +182,11 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
         categories: name -> callable returning the tensors of that kind; the peak is split
             into these plus ``activations`` (everything else). On CPU each category is what
             was alive at the peak; on CUDA it is its size after the run.
+        marker: tells which local module ran at the peak (``peak_module`` in the result).
 
     Returns:
-        ``{"peak_bytes": int, "breakdown": {name: bytes}, "backend": "cuda" | "cpu-tracker"}``.
+        ``{"peak_bytes": int, "breakdown": {name: bytes}, "backend": "cuda" | "cpu-tracker",
+        "peak_module": int | None}``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
@@ -146,16 +196,20 @@ def peak_memory(fn: Callable[[], Any], *, device: torch.device | str | None = No
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        if marker is not None:
+            marker.reset()
         fn()
         torch.cuda.synchronize(device)
         peak = int(torch.cuda.max_memory_allocated(device))
+        peak_module = marker.finish() if marker is not None else None
         # The allocator cannot say what was alive at the peak; the categories are sized after
         # the run (their steady state) and the rest of the peak is reported as activations.
         breakdown = {name: _bytes(tensors(), device) for name, tensors in (categories or {}).items()}
         breakdown["activations"] = peak - sum(breakdown.values())
-        return {"peak_bytes": peak, "breakdown": breakdown, "backend": "cuda"}
-    tracker = LiveTensorTracker(categories)
+        return {"peak_bytes": peak, "breakdown": breakdown, "backend": "cuda", "peak_module": peak_module}
+    tracker = LiveTensorTracker(categories, phase=(lambda: marker.current) if marker is not None else None)
     tracker.register(existing)
     with tracker:
         fn()
-    return {"peak_bytes": int(tracker.peak), "breakdown": dict(tracker.peak_breakdown), "backend": "cpu-tracker"}
+    return {"peak_bytes": int(tracker.peak), "breakdown": dict(tracker.peak_breakdown), "backend": "cpu-tracker",
+            "peak_module": tracker.peak_phase}

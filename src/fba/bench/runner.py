@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from fba.bench.memory import peak_memory
+from fba.bench.memory import ModuleMarker, peak_memory
 from fba.build import build_learner, resolve_device
 from fba.tasks import get_task
 
@@ -78,7 +78,8 @@ def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: i
 
     The first step allocates gradients and optimizer state, so two steps capture the steady
     state. Rows carry ``peak_bytes``, ``params``, ``grads``, ``optimizer``, ``bank``,
-    ``activations`` and ``ratio_to_bp`` (when ``bp`` is among the methods).
+    ``activations``, ``peak_module`` (the index of the local module running at the peak,
+    counting its backward and step) and ``ratio_to_bp`` (when ``bp`` is among the methods).
     """
     device = resolve_device(cfg["device"])
     rows = []
@@ -99,10 +100,13 @@ def measure_memory(cfg: Mapping[str, Any], methods: Sequence[str], batch_size: i
             "bank": lambda: bank.tensors() if bank is not None else [],
         }
         existing = [images, labels, indices, *learner.parameters(), *learner.buffers(), *categories["bank"]()]
+        marker = ModuleMarker(learner.local_modules, device)
         result = peak_memory(lambda: [learner.train_step(images, labels, indices) for _ in range(steps)],
-                             device=device, existing=existing, categories=categories)
+                             device=device, existing=existing, categories=categories, marker=marker)
+        marker.remove()
         row = {"method": method, "model": cfg["model"], "K": learner.K, "batch_size": batch_size,
-               "input_size": input_size, "peak_bytes": result["peak_bytes"], "backend": result["backend"]}
+               "input_size": input_size, "peak_bytes": result["peak_bytes"], "backend": result["backend"],
+               "peak_module": result["peak_module"]}
         row.update({k: result["breakdown"].get(k) for k in ("params", "grads", "optimizer", "bank", "activations")})
         if bank is not None:
             row["bank_storage_bytes"] = bank.nbytes()
