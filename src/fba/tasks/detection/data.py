@@ -725,7 +725,7 @@ def _shapes_det_valid(folder: Path, params: dict[str, Any]) -> bool:
                                        folder / "annotations/instances_val.json"))
 
 
-def make_shapes_det(root: str | Path, image_size: int = 128, num_train: int = 400, num_val: int = 100,
+def make_shapes_det(root: str | Path, image_size: int = 128, num_train: int = 1600, num_val: int = 200,
                     seed: int = 0) -> Path:
     """Write ``shapes-det`` once under ``root/shapes-det/`` and return its folder.
 
@@ -777,7 +777,7 @@ def make_shapes_det(root: str | Path, image_size: int = 128, num_train: int = 40
 
 @DATASETS.register("shapes-det")
 def shapes_det(root: str = "./data", download: bool = False, augment: bool = True, image_size: int = 128,
-               keep_aspect: bool = False, num_train: int = 400, num_val: int = 100, seed: int = 0,
+               keep_aspect: bool = False, num_train: int = 1600, num_val: int = 200, seed: int = 0,
                format: str = "voc", **_: Any) -> tuple[DetectionDataset, DetectionDataset, DetectionDataInfo]:
     """Built-in offline detection set (:func:`make_shapes_det`), read back as VOC or COCO.
 

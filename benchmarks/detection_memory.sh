@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# docs/detection.md, memory: peak training memory of RetinaNet and YOLOv1 at the issue's
+# shape (batch 8, 512x512, 20 classes), every method side by side per model and K.
+# Usage: bash benchmarks/detection_memory.sh [cpu|cuda] [OUT_DIR] [GROUP ...]
+#   cpu: the deterministic CPU tracker (slow: about 2 min per R34 row on 2 cores);
+#   cuda: torch.cuda.max_memory_allocated.
+#   GROUP: r34, yolo34, r34_k17, yolo34_k17, r50, r101, r152 (default: all of them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FBA=${FBA:-.venv/bin/fba}  # a command, may be "python -m fba"
+DEVICE=${1:-cpu}
+OUT=${2:-docs/results}
+shift $(( $# < 2 ? $# : 2 ))
+GROUPS_WANTED=${*:-r34 yolo34 r34_k17 yolo34_k17 r50 r101 r152}
+SHAPE=(--batch-size 8 --input-size 512 --num-classes 20 --num-samples 1000 data.image_size=512 "device=$DEVICE")
+
+run() {  # run NAME MODEL K METHODS
+  echo "== $DEVICE $1: $2 K=$3" >&2
+  $FBA bench memory task=detection "model=$2" "K=$3" --methods "$4" "${SHAPE[@]}" \
+      --out "$OUT/detection_memory_${DEVICE}_$1" --quiet
+}
+
+for group in $GROUPS_WANTED; do
+  case $group in
+    r34) run r34_k4 retinanet_resnet34 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint ;;
+    yolo34) run yolo34_k4 yolov1_resnet34 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint ;;
+    r34_k17) run r34_k17 retinanet_resnet34 17 bp,dgl,fba,fba+checkpoint ;;
+    yolo34_k17) run yolo34_k17 yolov1_resnet34 17 bp,dgl,fba ;;
+    r50) run r50_k4 retinanet_resnet50 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
+         run r50_k17 retinanet_resnet50 17 bp,dgl,fba ;;
+    r101) run r101_k4 retinanet_resnet101 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
+          run r101_k34 retinanet_resnet101 34 bp,dgl,fba ;;
+    r152) run r152_k4 retinanet_resnet152 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
+          run r152_k51 retinanet_resnet152 51 bp,dgl,fba ;;
+    *) echo "unknown group $group" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,96 @@
+"""Training runs of ``fba train task=detection`` side by side, in parallel processes.
+
+docs/detection.md's tables of the built-in default (RetinaNet-R18 on shapes-det, 128 px):
+each named run is the default plus its overrides; every run writes its run folder under
+``OUT/runs`` and its epoch rows (``metrics.csv``); ``OUT/summary.csv`` has one row per run.
+
+    python benchmarks/detection_sweep.py --out OUT [--jobs 4] [--only NAME,...] [KEY=VALUE ...]
+
+Trailing ``KEY=VALUE`` items go to every run (``device=cuda``, ``train.epochs=24``); a run's
+own overrides come after them.
+Each process uses one thread (``OMP_NUM_THREADS=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SGD2 = ["optim.lr=0.02"]
+ADAMW = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
+
+SGD4 = ["optim.lr=0.04"]
+LONG = ["train.epochs=48", *SGD2]
+
+RUNS: dict[str, list[str]] = {}
+for seed in (0, 1):
+    for method in ("bp", "fba", "dgl"):
+        RUNS[f"{method}-s{seed}"] = [f"method={method}", f"seed={seed}"]
+        RUNS[f"{method}-lr02-s{seed}"] = [f"method={method}", f"seed={seed}", *SGD2]
+for method in ("bp", "fba"):
+    RUNS[f"{method}-adamw-s0"] = [f"method={method}", "seed=0", *ADAMW]
+    RUNS[f"{method}-lr04-s0"] = [f"method={method}", "seed=0", *SGD4]
+    RUNS[f"{method}-long-s0"] = [f"method={method}", "seed=0", *LONG]
+# Table 4 and the bank-source ablation, seed 0, default recipe.
+RUNS["fba-nobank-s0"] = ["method=fba", "seed=0", "fba.bank.source=none"]
+RUNS["fba-sharehead-s0"] = ["method=fba", "seed=0", "fba.share_head=true"]
+RUNS["fba-nocoarser-s0"] = ["method=fba", "seed=0", "det.local_coarser=false"]
+RUNS["yolo-bp-s0"] = ["method=bp", "seed=0", "model=yolov1_resnet18"]
+RUNS["yolo-fba-s0"] = ["method=fba", "seed=0", "model=yolov1_resnet18"]
+
+
+def run_one(name: str, overrides: list[str], common: list[str], out: Path) -> dict:
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "fba", "train", "task=detection", *common, *overrides,
+               f"train.runs_dir={out / 'runs'}", f"train.name={name}", "train.progress=false", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.time()
+    with open(log, "w") as file:
+        code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, env=env)
+    row = {"name": name, "overrides": " ".join(overrides), "exit": code, "wall_seconds": round(time.time() - start, 1)}
+    lines = log.read_text().strip().splitlines()
+    if code == 0 and lines:
+        summary = json.loads(lines[-1])
+        row.update({k: summary.get(k) for k in ("map50", "map", "map75", "peak_memory_bytes", "seconds_per_epoch")})
+    metrics = out / "runs" / name / "metrics.csv"
+    if metrics.exists():
+        rows = list(csv.DictReader(open(metrics)))
+        row["best_map50"] = max(float(r["map50"]) for r in rows if r.get("map50") not in (None, "", "nan"))
+        row["map50_curve"] = " ".join(f"{float(r['map50']):.3f}" for r in rows if r.get("map50") not in (None, ""))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--only", default=None, help="comma-separated run names (default: all)")
+    parser.add_argument("common", nargs="*", help="KEY=VALUE overrides for every run")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda n: run_one(n, RUNS[n], args.common, out), names))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "summary.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
