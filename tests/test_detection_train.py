@@ -95,3 +95,31 @@ def test_draw_detections_labels_boxes_above_the_threshold_only():
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, 40, 40)
     assert drawn[:, 2, 2:20].sum() > 0  # the kept box's edge
     assert drawn[:, 30:38, 37].sum() == 0 and drawn[:, 37, 30:38].sum() == 0  # the low-score box is not drawn
+
+
+def test_bench_builds_the_detector_for_the_measured_input_size(capsys):
+    # A detector built for another size would resize the batch inside its transform, so the
+    # figures would be those of another shape; a contradicting data.image_size is refused.
+    assert main(["bench", "memory", "task=detection", "data.image_size=128", "--input-size", "64"]) == 2
+    assert "data.image_size=128 and --input-size 64 disagree" in capsys.readouterr().err
+    from fba.config import resolve_config
+
+    assert resolve_config(None, ["task=detection"])["data"]["image_size"] == 128  # the default run's size
+
+
+@pytest.mark.parametrize("method", ["bp", "fba", "dgl"])
+def test_train_step_takes_a_list_of_differently_sized_images(method):
+    import math
+
+    import torch
+
+    import fba
+
+    torch.manual_seed(0)
+    learner = fba.build_learner(task="detection", model="retinanet_resnet18", method=method, K=4, num_classes=3,
+                                **{"data.image_size": 64})
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    out = learner.train_step(images, targets)
+    assert math.isfinite(out["loss"]) and len([k for k in out if k.startswith("loss/")]) == learner.K

@@ -50,6 +50,16 @@ class PartialStep:
     bank_entries: tuple[Tensor, Tensor] | None
 
 
+def detached(x: Any) -> Any:
+    """``x`` cut from autograd: a tensor, or a list or tuple of them (a detection batch of
+    differently sized images); anything else as it is."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, (list, tuple)):
+        return type(x)(detached(item) for item in x)
+    return x
+
+
 class LocalUnit(nn.Module):
     """Module k together with what computes its loss (aux k, or the head for the last module).
 
@@ -210,7 +220,7 @@ class LocalLearner(nn.Module):
         optimizers = [self.optimizers[k] for k in modules] if per_module else self.optimizers
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.method.begin_step(inputs.detach(), targets)
+        self.method.begin_step(detached(inputs), targets)
         if self.bank is not None:
             self.bank.begin_step(indices)
             if self.bank.needs_lookahead:
@@ -221,7 +231,7 @@ class LocalLearner(nn.Module):
         losses: list[Tensor] = []
         for k in modules:
             with self._autocast():
-                h, loss = self.units[k](h.detach(), targets)
+                h, loss = self.units[k](detached(h), targets)
             losses.append(loss.detach())
             if per_module:
                 self._raise_if_not_finite(losses, first=len(losses) - 1, offset=modules.start)
@@ -229,7 +239,7 @@ class LocalLearner(nn.Module):
             if per_module:
                 self._step(self.optimizers[k])
                 self.optimizers[k].zero_grad(set_to_none=True)
-            h = h.detach()
+            h = detached(h)
         if not per_module:
             # One host sync per step instead of one per module; no parameter has moved yet.
             self._raise_if_not_finite(losses)
