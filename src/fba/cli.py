@@ -168,7 +168,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fba.config import resolve_config
 
     config_path, overrides = _split_config_and_overrides(args.items)
-    cfg = resolve_config(config_path, overrides)
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "data.image_size"]
+    if given and given[-1] != str(args.input_size):
+        from fba.errors import ConfigError
+
+        raise ConfigError(f"data.image_size={given[-1]} and --input-size {args.input_size} disagree; give one of them")
+    # Models built for an image size (detection's transform and anchors) must see the measured
+    # shape, not resize it to the config's size.
+    cfg = resolve_config(config_path, [*overrides, f"data.image_size={args.input_size}"])
     methods = _methods_arg(args.methods)
     from fba.build import build_model
     from fba.engine.partition import partition_units
