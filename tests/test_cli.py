@@ -92,7 +92,7 @@ def test_list(capsys):
     (["train", "K=17"], "choose K in 1..16"),
     (["train", "model=resnet33"], "unknown model 'resnet33'"),
     (["train", "method=dgk"], "unknown method 'dgk'"),
-    (["train", "data.name=mnist"], "unknown dataset 'mnist'"),
+    (["train", "data.name=fashion-mnist"], "unknown dataset 'fashion-mnist'"),
     (["train", "optimizer.lr=0.1"], "unknown config key 'optimizer.lr'"),
     (["train", "data.batch_size=-1"], "'data.batch_size': expected an integer >= 2, got -1"),
     (["train", "optim.lr=fast"], "'optim.lr': expected a finite positive number, got 'fast'"),
