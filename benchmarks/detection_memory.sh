@@ -4,7 +4,8 @@
 # Usage: bash benchmarks/detection_memory.sh [cpu|cuda] [OUT_DIR] [GROUP ...]
 #   cpu: the deterministic CPU tracker (slow: about 2 min per R34 row on 2 cores);
 #   cuda: torch.cuda.max_memory_allocated.
-#   GROUP: r34, yolo34, r34_k17, yolo34_k17, r50, r101, r152 (default: all of them).
+#   GROUP: r34, yolo34, r34_k17, yolo34_k17, r50, r101, r152 (default: all of them), and
+#   r34_light, yolo34_light: K=4 with det.local_min_stride=8 (module 0's SLM at stride 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FBA=${FBA:-.venv/bin/fba}  # a command, may be "python -m fba"
@@ -12,11 +13,11 @@ DEVICE=${1:-cpu}
 OUT=${2:-docs/results}
 shift $(( $# < 2 ? $# : 2 ))
 GROUPS_WANTED=${*:-r34 yolo34 r34_k17 yolo34_k17 r50 r101 r152}
-SHAPE=(--batch-size 8 --input-size 512 --num-classes 20 --num-samples 1000 data.image_size=512 "device=$DEVICE")
+SHAPE=(--batch-size 8 --input-size 512 --num-classes 20 --num-samples 1000 "device=$DEVICE")
 
-run() {  # run NAME MODEL K METHODS
-  echo "== $DEVICE $1: $2 K=$3" >&2
-  $FBA bench memory task=detection "model=$2" "K=$3" --methods "$4" "${SHAPE[@]}" \
+run() {  # run NAME MODEL K METHODS [KEY=VALUE ...]
+  echo "== $DEVICE $1: $2 K=$3 ${*:5}" >&2
+  $FBA bench memory task=detection "model=$2" "K=$3" --methods "$4" "${SHAPE[@]}" "${@:5}" \
       --out "$OUT/detection_memory_${DEVICE}_$1" --quiet
 }
 
@@ -32,6 +33,8 @@ for group in $GROUPS_WANTED; do
           run r101_k34 retinanet_resnet101 34 bp,dgl,fba ;;
     r152) run r152_k4 retinanet_resnet152 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
           run r152_k51 retinanet_resnet152 51 bp,dgl,fba ;;
+    r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 ;;
+    yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done

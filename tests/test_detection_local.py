@@ -212,3 +212,22 @@ def test_per_module_steps_give_the_same_weights_as_one_global_step():
 
 def test_detection_defaults_step_per_module():
     assert resolve_config(None, ["task=detection"])["optim"]["step"] == "per_module"
+
+
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
+def test_min_stride_slm_coarsens_fine_maps_before_its_block_and_stays_isolated(model):
+    from fba.tasks.detection.local import stride_reduction
+
+    net = learner(model=model, **{"det.local_min_stride": 8})
+    first = net.aux_nets[0]  # module 0 (stem + layer1) outputs stride 4: one halving
+    assert isinstance(first.reduce, torch.nn.Sequential) and len(first.reduce) == 1
+    assert isinstance(net.aux_nets[1].reduce, torch.nn.Identity)  # layer2 is already at stride 8
+    h = torch.rand(2, 64, 16, 16)
+    assert first.reduce(h).shape == (2, 64, 8, 8)
+    images, targets = batch()
+    assert math.isfinite(net.train_step(images, targets)["loss"])
+    assert_perturbing_aux_changes_only_its_module(
+        lambda: learner(model=model, **{"det.local_min_stride": 8}), (images, targets, torch.arange(2)), j=0, scale=0.1)
+    assert isinstance(stride_reduction(64, 8, 8)[0], torch.nn.Identity)
+    with pytest.raises(FBAError):
+        learner(**{"det.local_min_stride": 12})

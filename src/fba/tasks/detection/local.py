@@ -49,17 +49,40 @@ if TYPE_CHECKING:
 #: strides of the pyramid levels P3..P7 (the main RetinaNet's)
 PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 #: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
-DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True}
+DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True, "local_min_stride": None}
 
 
 def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
     """The auxiliary networks' settings: ``channels`` (local FPN and head width: the
     ``det.local_channels`` value, or 64 divided by ``reduction``, at least 16),
-    ``head_convs`` (3x3 convs per head branch, 1..4) and ``coarser`` (make P6/P7-like levels)."""
+    ``head_convs`` (3x3 convs per head branch, 1..4), ``coarser`` (make P6/P7-like levels)
+    and ``min_stride`` (None, or the stride an SLM brings a finer module's map to first)."""
     given = {**DEFAULT_LOCAL, **getattr(model, "local_settings", {})}
     channels = given["local_channels"] or max(16, 64 // reduction)
+    min_stride = given["local_min_stride"]
     return {"channels": int(channels), "head_convs": int(given["local_head_convs"]),
-            "coarser": bool(given["local_coarser"])}
+            "coarser": bool(given["local_coarser"]), "min_stride": int(min_stride) if min_stride else None}
+
+
+def stride_reduction(channels: int, stride: int, min_stride: int | None) -> tuple[nn.Module, int]:
+    """Stride-2 3x3 convs (ReLU between) that bring a map of ``stride`` to ``min_stride``,
+    and the stride after them: the identity and ``stride`` when it is not finer.
+
+    Run before an SLM's block, they make it work on 4x fewer pixels per halving: on the stem's
+    and layer1's stride-4 maps that block's activations are the largest part of module 0's
+    training peak (docs/detection.md, Memory).
+    """
+    if not min_stride or stride >= min_stride:
+        return nn.Identity(), stride
+    halvings = int(round(math.log2(min_stride / stride)))
+    if stride * 2 ** halvings != min_stride:
+        raise ValueError(f"det.local_min_stride must be the module's stride times a power of two, got {min_stride} "
+                         f"for stride {stride}")
+    layers: list[nn.Module] = []
+    for i in range(halvings):
+        layers += [nn.ReLU(inplace=False)] if i else []
+        layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+    return nn.Sequential(*layers), min_stride
 
 
 # --------------------------------------------------------------------------- the bank
@@ -248,20 +271,23 @@ def _is_retinanet(model: "UnitModel") -> bool:
 class DetectionSLM(nn.Module):
     """FBA's SLM for RetinaNet: ``forward(h, finer=None) -> (head output, None)``.
 
-    ``head([adapter(l) for l in fpn(block(h), finer)])``: a fresh stage-tail block (narrowed
-    by ``fba.reduction``), the local FPN fed by the bank's finer maps, a RetinaNet head;
-    ``adapter`` (1x1, shared across levels) widens the levels to a shared main head's width.
+    ``head([adapter(l) for l in fpn(block(reduce(h)), finer)])``: a fresh stage-tail block
+    (narrowed by ``fba.reduction``), the local FPN fed by the bank's finer maps, a RetinaNet
+    head; ``adapter`` (1x1, shared across levels) widens the levels to a shared main head's
+    width; ``reduce`` (:func:`stride_reduction`, default the identity) coarsens a fine map first.
     """
 
-    def __init__(self, block: nn.Module, fpn: LocalFPN, head: nn.Module, adapter: nn.Module | None = None) -> None:
+    def __init__(self, block: nn.Module, fpn: LocalFPN, head: nn.Module, adapter: nn.Module | None = None,
+                 reduce: nn.Module | None = None) -> None:
         super().__init__()
+        self.reduce = reduce or nn.Identity()
         self.block = block
         self.fpn = fpn
         self.adapter = adapter
         self.head = head
 
     def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
-        levels = self.fpn(self.block(h), finer or ())
+        levels = self.fpn(self.block(self.reduce(h)), finer or ())
         if self.adapter is not None:
             levels = [self.adapter(level) for level in levels]
         return self.head(levels), None
@@ -270,19 +296,20 @@ class DetectionSLM(nn.Module):
 class YOLOSLM(nn.Module):
     """FBA's SLM for YOLOv1 (one scale): ``forward(h, finer=None) -> (head output, None)``.
 
-    ``head(adapter(block(h) + sum_j proj_j(avgpool(finer_j to the module's grid))))``.
+    ``head(adapter(block(reduce(h)) + sum_j proj_j(avgpool(finer_j to the module's grid))))``.
     """
 
     def __init__(self, block: nn.Module, head: nn.Module, finer_channels: Sequence[int], channels: int,
-                 adapter: nn.Module | None = None) -> None:
+                 adapter: nn.Module | None = None, reduce: nn.Module | None = None) -> None:
         super().__init__()
+        self.reduce = reduce or nn.Identity()
         self.block = block
         self.projections = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in finer_channels)
         self.adapter = adapter
         self.head = head
 
     def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
-        z = self.block(h)
+        z = self.block(self.reduce(h))
         for proj, f in zip(self.projections, finer or ()):
             z = z + proj(F.adaptive_avg_pool2d(f, z.shape[-2:]))
         if self.adapter is not None:
@@ -337,15 +364,16 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
         if spec.out_channels % 4 == 0 and channels % 4:  # a Bottleneck's width is a multiple of 4
             channels = max(4, channels // 4 * 4)
         block = model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
+        reduce, stride = stride_reduction(spec.out_channels, spec.downsample, settings["min_stride"])
         finer_channels = [ctx.module_channels[j] for j in sources[k]]
         if retina:
             width = settings["channels"]
-            fpn = LocalFPN(channels, spec.downsample, width, finer_channels, [strides[j] for j in sources[k]],
+            fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]],
                            coarser=settings["coarser"] or method.share_head)
             main = model.plain
             adapter = nn.Conv2d(width, main.backbone.out_channels, 1) if method.share_head else None
             head = LocalRetinaNetHead(main, fpn.strides, width, taps, settings["head_convs"], shared=method.share_head)
-            nets.append(DetectionSLM(block, fpn, head, adapter))
+            nets.append(DetectionSLM(block, fpn, head, adapter, reduce))
         else:
             if method.share_head:
                 head = model.head
@@ -353,7 +381,7 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
                 adapter = nn.Conv2d(channels, c5, 1) if channels != c5 else None
             else:
                 head, adapter = model.make_head(channels), None
-            nets.append(YOLOSLM(block, head, finer_channels, channels, adapter))
+            nets.append(YOLOSLM(block, head, finer_channels, channels, adapter, reduce))
     return nets
 
 

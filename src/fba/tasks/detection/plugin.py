@@ -44,6 +44,8 @@ class DetectionPlugin(TaskPlugin):
       head has 4);
     - ``local_coarser``: whether their local FPNs make the coarser levels (up to P7) by
       stride-2 convs;
+    - ``local_min_stride``: null, or 8/16/32: FBA's SLM of a module finer than that brings its
+      map there by stride-2 convs before its block (a lighter SLM: less memory at module 0);
     - ``draw_score``: the least score of a detection that ``fba eval --images/--out`` draws.
     """
 
@@ -51,10 +53,10 @@ class DetectionPlugin(TaskPlugin):
     description = "object detection: RetinaNet and YOLOv1 on ResNets from scratch, COCO mAP"
     config_section = "det"
     config_defaults = {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
-                       "local_coarser": True, "draw_score": 0.3}
+                       "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
     config_rules = {"anchor_sizes": anchor_sizes_rule, "yolo_grid": optional_positive_int,
                     "local_channels": optional_positive_int, "local_head_convs": (1, 2, 3, 4), "local_coarser": boolean,
-                    "draw_score": unit_interval}
+                    "local_min_stride": (None, 8, 16, 32), "draw_score": unit_interval}
     # ``task=detection`` alone: RetinaNet-R18 on the built-in shapes at 128 px, K=4 by stage,
     # 1,000 steps of batch 8 (5 epochs of the 1,600 training images; docs/detection.md has the
     # measurements behind each choice).
@@ -107,7 +109,8 @@ class DetectionPlugin(TaskPlugin):
         model = builder(num_classes=num_classes, in_channels=in_channels, image_size=config["data"]["image_size"],
                         **options)
         # What the auxiliary networks of local methods read (fba.tasks.detection.local).
-        model.local_settings = {key: config["det"][key] for key in ("local_channels", "local_head_convs", "local_coarser")}
+        model.local_settings = {key: config["det"][key]
+                                for key in ("local_channels", "local_head_convs", "local_coarser", "local_min_stride")}
         return model
 
     def build_datasets(self, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
