@@ -45,7 +45,7 @@ def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
     aux = net.aux_nets[2]
     assert len(aux.head.net.head.classification_head.conv) == 1
     assert aux.head.net.anchor_generator.sizes == net.plain.anchor_generator.sizes
-    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True}
+    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "min_stride": None}
     slm = sum(p.numel() for p in aux.parameters())
     assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
 

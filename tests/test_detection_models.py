@@ -297,7 +297,7 @@ def test_plugin_config_batch_and_metadata():
     assert (cfg["model"], cfg["K"], cfg["data"]["name"], cfg["data"]["image_size"]) == (
         "retinanet_resnet18", 4, "shapes-det", 128)
     assert cfg["det"] == {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
-                          "local_coarser": True}
+                          "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
