@@ -343,11 +343,11 @@ def test_shapes_det_cache_is_reused_and_regenerated_when_incomplete(tmp_path):
 
 def test_shapes_det_default_size_content_and_training_items(tmp_path):
     train, test, info = DATASETS.get("shapes-det")(root=str(tmp_path))
-    assert (len(train), len(test), info.num_classes, info.image_size) == (400, 100, 6, 128)
+    assert (len(train), len(test), info.num_classes, info.image_size) == (1600, 200, 6, 128)
     counts = [len(train.target(i)["labels"]) for i in range(len(train))]
     assert 0 in counts and max(counts) == 4 and 1.5 < np.mean(counts) < 2.8
     labels = torch.cat([train.target(i)["labels"] for i in range(len(train))])
-    assert torch.bincount(labels, minlength=6).min() > 80  # every class well represented
+    assert torch.bincount(labels, minlength=6).min() > 320  # every class well represented
     boxes = torch.cat([train.target(i)["boxes"] for i in range(len(train))])
     sides = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     assert boxes.min() >= 0 and boxes.max() <= 128 and sides.min() >= 5 and sides.max() <= 60

@@ -275,7 +275,7 @@ class RegressionPlugin(TaskPlugin):
     def export_metadata(self, config: Mapping[str, Any], info: Any) -> dict[str, str]:
         return {"width": str(config["regression"]["width"])}
 
-    def evaluate_run(self, config, learner, eval_set, device, *, run_dir, images, out):
+    def evaluate_run(self, config, learner, eval_set, device, *, run_dir, images, out, info=None):
         from torch.utils.data import DataLoader
 
         if images or out:
