@@ -98,8 +98,8 @@ def test_perfect_predictions_score_one():
     got = coco_map(predictions, targets)
     for name in ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar_100"):
         assert got[name] == pytest.approx(1.0), name
-    assert voc_ap(predictions, targets, 3) == {"map": 1.0, "ap": [1.0, 1.0, 1.0]}
-    assert voc_ap(predictions, targets, 3, use_07_metric=False) == {"map": 1.0, "ap": [1.0, 1.0, 1.0]}
+    assert voc_ap(predictions, targets, 3) == {"map": 1.0, "ap": [1.0, 1.0, 1.0], "objects": [2, 3, 1]}
+    assert voc_ap(predictions, targets, 3, use_07_metric=False) == {"map": 1.0, "ap": [1.0, 1.0, 1.0], "objects": [2, 3, 1]}
 
 
 def test_empty_inputs_are_zero_where_something_was_missed_and_nan_where_nothing_is_defined():
@@ -116,7 +116,7 @@ def test_empty_inputs_are_zero_where_something_was_missed_and_nan_where_nothing_
     no_truth = coco_map(one, [targets[1], targets[1]])
     assert all(math.isnan(v) for v in no_truth.values())
     assert all(math.isnan(v) for v in coco_map([], []).values())
-    assert voc_ap(nothing, targets, 3) == {"map": 0.0, "ap": [pytest.approx(math.nan, nan_ok=True)] * 2 + [0.0]}
+    assert voc_ap(nothing, targets, 3) == {"map": 0.0, "ap": [pytest.approx(math.nan, nan_ok=True)] * 2 + [0.0], "objects": [0, 0, 1]}
     with pytest.raises(ValueError, match="2 predictions for 1 targets"):
         coco_map(nothing, targets[:1])
 
@@ -194,3 +194,11 @@ def test_voc_ap_ignores_difficult_objects():
 def test_voc_ap_refuses_labels_outside_the_classes():
     with pytest.raises(ValueError, match=r"targets\[0\] has a label outside 0..0"):
         voc_ap(VOC_PREDICTIONS[:1], [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([1])}], 1)
+
+
+def test_voc_ap_counts_the_objects_that_count():
+    targets = [{"boxes": torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.], [40., 40., 50., 50.]]),
+                "labels": torch.tensor([0, 0, 1]), "difficult": torch.tensor([False, True, False]),
+                "iscrowd": torch.tensor([False, False, True])}]
+    predictions = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}]
+    assert voc_ap(predictions, targets, num_classes=2)["objects"] == [1, 0]  # difficult and crowd do not count

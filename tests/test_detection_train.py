@@ -45,6 +45,11 @@ def test_eval_prints_the_per_class_table_and_draws_detections(tmp_path, capsys):
     assert main(["eval", str(runs / "det"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["class"] for r in result["per_class"]] == [*VOC_CLASSES, "mean"]
+    # --out alone draws the validation images, named after their files.
+    assert main(["eval", str(runs / "det"), "--out", str(tmp_path / "val_drawn"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(p.name for p in (tmp_path / "val_drawn").iterdir()) == ["000001.png", "000002.png"]
+    assert Image.open(tmp_path / "val_drawn" / "000001.png").size == (64, 64)
 
     # A folder of images of any size, without the dataset: PNGs of the same size, boxes drawn.
     folder = tmp_path / "photos"

@@ -337,9 +337,9 @@ def voc_ap(predictions: list[dict], targets: list[dict], num_classes: int, iou_t
         iou_threshold: the least IoU of a true positive.
         use_07_metric: 11-point interpolation (VOC2007) if True, else the area (VOC2010+).
 
-    Returns ``{"map": mean over classes with ground truth, "ap": [AP of class c]}``; a class
-    with no (non-difficult) ground truth has AP ``nan`` and is left out of the mean (``map``
-    is ``nan`` when no class has any).
+    Returns ``{"map": mean over classes with ground truth, "ap": [AP of class c], "objects":
+    [ground-truth objects of class c that count]}``; a class with no (non-difficult) ground
+    truth has AP ``nan`` and is left out of the mean (``map`` is ``nan`` when no class has any).
     """
     import numpy as np
 
@@ -350,11 +350,12 @@ def voc_ap(predictions: list[dict], targets: list[dict], num_classes: int, iou_t
         for kind, labels in (("predictions", p_labels), ("targets", t_labels)):
             if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
                 raise ValueError(f"voc_ap: {kind}[{i}] has a label outside 0..{num_classes - 1}: {labels.tolist()}")
-    ap = []
+    ap, objects = [], []
     for c in range(num_classes):
         gt_boxes = [boxes[labels == c] for boxes, labels, _, _ in gts]
         ignored = [(crowd | difficult)[labels == c] for _, labels, crowd, difficult in gts]
         npos = int(sum((~flags).sum() for flags in ignored))
+        objects.append(npos)
         taken = [np.zeros(len(b), dtype=bool) for b in gt_boxes]
         det_image, det_score, det_box = [], [], []
         for i, (boxes, scores, labels) in enumerate(preds):
@@ -390,4 +391,4 @@ def voc_ap(predictions: list[dict], targets: list[dict], num_classes: int, iou_t
         precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
         ap.append(_average_precision(recall, precision, use_07_metric))
     counted = [v for v in ap if not math.isnan(v)]
-    return {"map": float(np.mean(counted)) if counted else math.nan, "ap": ap}
+    return {"map": float(np.mean(counted)) if counted else math.nan, "ap": ap, "objects": objects}

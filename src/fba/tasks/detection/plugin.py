@@ -183,7 +183,7 @@ class DetectionPlugin(TaskPlugin):
 
         from fba.tasks.detection.data import collate_detection
         from fba.tasks.detection.draw import detect, draw_detections
-        from fba.tasks.detection.task import per_class_table
+        from fba.tasks.detection.task import detection_metrics, per_class_table
         from fba.tasks.image_files import read_image_folder, save_image
 
         size, threshold = config["data"]["image_size"], config["det"]["draw_score"]
@@ -202,21 +202,20 @@ class DetectionPlugin(TaskPlugin):
             return result, (f"wrote {len(pictures)} PNGs with {shown} detections (score >= {threshold}) to {folder}")
         loader = DataLoader(eval_set, batch_size=config["data"]["eval_batch_size"], collate_fn=collate_detection,
                             num_workers=config["data"]["num_workers"])
-        predictions, truths, loss = learner.task.predict(learner, loader, device)
-        from fba.metrics import coco_map
-
-        metrics = {key: float(value) for key, value in coco_map(predictions, truths).items()}
         names = list(getattr(eval_set, "class_names", ()) or class_names)
+        folder = Path(out) if out else None
+
+        def draw(index: int, image: "torch.Tensor", detections: dict) -> None:
+            stem = Path(eval_set.describe(index)).stem if hasattr(eval_set, "describe") else str(index)
+            save_image(draw_detections(image, detections, names, threshold).float() / 255, folder / f"{stem}.png")
+
+        predictions, truths, loss = learner.task.predict(learner, loader, device, on_output=draw if folder else None)
+        metrics = detection_metrics(predictions, truths, loss)
         rows, table = per_class_table(predictions, truths, names)
         name = config["data"]["name"]
-        result = {"dataset": name, **metrics, "loss": loss, "per_class": rows}
+        result = {"dataset": name, **metrics, "per_class": rows}
         text = f"{name} validation: {self.describe_metrics(metrics)}\n{table}"
-        if out:
-            folder = Path(out)
-            for index, detections in enumerate(predictions):
-                image, *_ = eval_set[index]
-                stem = Path(eval_set.describe(index)).stem if hasattr(eval_set, "describe") else str(index)
-                save_image(draw_detections(image, detections, names, threshold).float() / 255, folder / f"{stem}.png")
+        if folder:
             result["out"] = str(folder)
             text += f"\n{len(predictions)} PNGs with detections drawn in {folder}"
         return result, text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -47,57 +47,65 @@ class DetectionTask:
         return h.mean(dim=(2, 3))
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, batches: Iterable, device: torch.device
+    def predict(self, model: nn.Module, batches: Iterable, device: torch.device,
+                on_output: Callable[[int, Tensor, dict[str, Tensor]], None] | None = None
                 ) -> tuple[list[dict[str, Tensor]], Targets, float]:
         """Run ``model`` in eval mode over ``(images, targets, indices)`` batches.
 
         Returns ``(predictions, targets, loss)``: one ``{"boxes", "scores", "labels"}`` and one
         target per image (on the CPU), and the mean training loss per batch where the model's
         output can give it (the learner's heads can; an exported torchvision model cannot: NaN).
+        ``on_output(index, image, detections)`` receives each image ``(3, H, W)`` and its
+        detections on the CPU (e.g. to draw them) while the batch is at hand.
         """
         was_training = model.training
         model.eval()
         predictions: list[dict[str, Tensor]] = []
         truths: Targets = []
         loss_sum, loss_batches = 0.0, 0
-        for images, targets, *_ in batches:
+        for images, targets, *rest in batches:
+            loaded = images  # as the loader gave them, for on_output
             images = images.to(device) if isinstance(images, Tensor) else [image.to(device) for image in images]
             detections = model(images)
             if callable(getattr(detections, "losses", None)):
                 loss_sum += self.loss(detections, targets_to(targets, device)).item()
                 loss_batches += 1
-            predictions += targets_to(list(detections), "cpu")
+            found = targets_to(list(detections), "cpu")
+            if on_output is not None:
+                for index, image, result in zip(rest[0].tolist(), loaded, found):
+                    on_output(index, image.cpu(), result)
+            predictions += found
             truths += targets_to(targets, "cpu")
         model.train(was_training)
         return predictions, truths, loss_sum / loss_batches if loss_batches else math.nan
 
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
         """COCO-style mAP (``fba.metrics.coco_map``) and the mean ``loss`` (:meth:`predict`)."""
-        from fba.metrics import coco_map
-
         predictions, truths, loss = self.predict(model, batches, device)
-        metrics = {key: float(value) for key, value in coco_map(predictions, truths).items()}
-        metrics["loss"] = loss
-        return metrics
+        return detection_metrics(predictions, truths, loss)
+
+
+def detection_metrics(predictions: list[dict[str, Tensor]], targets: Targets, loss: float) -> dict[str, float]:
+    """``fba.metrics.coco_map`` of :meth:`DetectionTask.predict`'s output, with its ``loss``."""
+    from fba.metrics import coco_map
+
+    return {**{key: float(value) for key, value in coco_map(predictions, targets).items()}, "loss": loss}
 
 
 def per_class_table(predictions: list[dict[str, Tensor]], targets: Targets, class_names: list[str] | tuple[str, ...]
                     ) -> tuple[list[dict[str, Any]], str]:
     """VOC AP at IoU 0.5 per class, 11-point (VOC2007, the paper's Table 2) and area (VOC2010+).
 
-    Returns the rows ``{"class", "objects", "ap50_11pt", "ap50_area"}`` (difficult objects
-    neither counted nor penalised) with a last ``"mean"`` row, and the table as text.
+    Returns the rows ``{"class", "objects", "ap50_11pt", "ap50_area"}`` (difficult and crowd
+    objects neither counted nor penalised, as ``fba.metrics.voc_ap`` rules) with a last
+    ``"mean"`` row, and the table as text.
     """
     from fba.metrics import voc_ap
 
     num_classes = len(class_names)
     eleven = voc_ap(predictions, targets, num_classes, use_07_metric=True)
     area = voc_ap(predictions, targets, num_classes, use_07_metric=False)
-    counts = [0] * num_classes
-    for target in targets:
-        ignored = target.get("difficult", torch.zeros(len(target["labels"]), dtype=torch.bool))
-        for label in target["labels"][~ignored.bool()].tolist():
-            counts[label] += 1
+    counts = eleven["objects"]
     rows = [{"class": name, "objects": counts[c], "ap50_11pt": eleven["ap"][c], "ap50_area": area["ap"][c]}
             for c, name in enumerate(class_names)]
     rows.append({"class": "mean", "objects": sum(counts), "ap50_11pt": eleven["map"], "ap50_area": area["map"]})
