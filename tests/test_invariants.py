@@ -7,11 +7,28 @@ import torch
 import torchvision
 
 import fba
+from fba.errors import FBAError
 from fba.bench import peak_memory
 
 from conftest import assert_perturbing_aux_changes_only_its_module, tiny_batch
 
 NO_MOMENTUM = {"optim": {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False}}
+
+# Every shape the classification SLM can take; each invariant below holds for all of them.
+def _slm(grid: int, hidden: int, pool: int, stride: int, reduction: int, **extra) -> dict:
+    return {"fba.head_grid": grid, "fba.head_hidden": hidden, "fba.input_pool": pool, "fba.block_stride": stride,
+            "fba.reduction": reduction, **extra}
+
+
+SLM_VARIANTS = {
+    "default": {},
+    "stage_tail": _slm(1, 0, 1, 1, 1),
+    "grid_head": _slm(2, 0, 1, 1, 1),
+    "light": _slm(2, 0, 1, 2, 2),
+    "light_mlp_input_bank": _slm(2, 2, 1, 2, 4, **{"fba.bank.usage": "input"}),
+    "pooled_mlp_head": _slm(2, 2, 4, 1, 2),
+    "paper": {"fba.preset": "paper"},
+}
 
 
 def _params(module):
@@ -27,8 +44,16 @@ def test_perturbing_aux_j_changes_only_module_j(step, source):
     assert_perturbing_aux_changes_only_its_module(lambda: fba.build_learner(**kwargs), (x, y, torch.arange(len(y))))
 
 
-def test_each_local_loss_reaches_only_its_module_and_aux():
-    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10)
+@pytest.mark.parametrize("variant", SLM_VARIANTS)
+def test_slm_variants_keep_gradients_isolated(variant):
+    x, y = tiny_batch()
+    kwargs = dict(model="resnet8", method="fba", K=4, num_classes=10, num_samples=32, **SLM_VARIANTS[variant])
+    assert_perturbing_aux_changes_only_its_module(lambda: fba.build_learner(**kwargs), (x, y, torch.arange(len(y))))
+
+
+@pytest.mark.parametrize("variant", SLM_VARIANTS)
+def test_each_local_loss_reaches_only_its_module_and_aux(variant):
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, num_samples=32, **SLM_VARIANTS[variant])
     x, y = tiny_batch()
     seen = {}
     for k in range(learner.K):
@@ -53,11 +78,11 @@ def test_each_local_loss_reaches_only_its_module_and_aux():
         assert ks == {owner[pid]}
 
 
-@pytest.mark.parametrize("model", ["resnet8", "resnet18"])
-def test_K1_fba_equals_bp(model):
+@pytest.mark.parametrize("model,variant", [("resnet8", v) for v in SLM_VARIANTS] + [("resnet18", "stage_tail")])
+def test_K1_fba_equals_bp(model, variant):
     x, y = tiny_batch(size=32)
     torch.manual_seed(0)
-    local = fba.build_learner(model=model, method="fba", K=1, num_classes=10)
+    local = fba.build_learner(model=model, method="fba", K=1, num_classes=10, **SLM_VARIANTS[variant])
     bp = fba.build_learner(model=model, method="bp", num_classes=10)
     bp.plain.load_state_dict(local.plain.state_dict())
     for _ in range(2):
@@ -79,10 +104,12 @@ def test_bp_checkpoint_matches_bp_including_batchnorm_statistics():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_export_equals_learner_eval_and_loads_strictly_into_torchvision():
-    learner = fba.build_learner(model="resnet18", method="fba", K=4, num_classes=10)
+@pytest.mark.parametrize("variant", SLM_VARIANTS)
+def test_export_equals_learner_eval_and_loads_strictly_into_torchvision(variant):
+    learner = fba.build_learner(model="resnet18", method="fba", K=4, num_classes=10, num_samples=8, **SLM_VARIANTS[variant])
     x, y = tiny_batch(size=32)
-    learner.train_step(x, y)
+    learner.train_step(x, y, torch.arange(8))
+    learner.train_step(x, y, torch.arange(8))  # the second visit reads the long-term bank
     learner.eval()
     exported = learner.export()
     with torch.no_grad():
@@ -161,6 +188,9 @@ def test_local_step_frees_each_module_graph():
 def test_shared_head_is_the_main_head():
     learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **{"fba.share_head": True})
     assert all(aux.head is learner.head for aux in learner.aux_nets)
+    # the folded grid and MLP reach the shared head through a 1x1 adapter to its width
+    adapters = [aux.adapter for aux in learner.aux_nets if aux.adapter is not None]
+    assert adapters and all(a.out_channels == 64 and a.in_channels % 4 == 0 for a in adapters)
     x, y = tiny_batch()
     out = learner.train_step(x, y)
     assert torch.isfinite(torch.tensor(out["loss"]))
@@ -187,3 +217,35 @@ def test_longterm_bank_grows_without_num_samples():
     with pytest.warns(UserWarning, match="needs the dataset indices"):
         learner.train_step(x, y)
     assert torch.equal(learner.bank.table, table)
+
+
+def test_paper_preset_fuses_the_longterm_bank_into_a_full_stage_tail_slm():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, num_samples=8, **{"fba.preset": "paper"})
+    assert learner.bank.source == "longterm"
+    assert all(aux.fusion is not None and aux.fold is None and aux.target_proj is None for aux in learner.aux_nets)
+    assert learner.aux_nets[0].block.conv1.stride == (1, 1)
+
+
+def test_default_slm_pools_its_input_and_ends_in_a_grid_mlp_head():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10)
+    aux = learner.aux_nets[0]
+    assert isinstance(aux.pool, torch.nn.AvgPool2d) and aux.pool.kernel_size == 4
+    assert aux.head.fc.in_features == 16 * 2 * 2 and len(aux.fold.mlp) == 6
+
+
+def test_light_slm_runs_strided_narrow_block_and_grid_head():
+    learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **_slm(2, 0, 1, 2, 2))
+    aux = learner.aux_nets[0]
+    assert aux.block.conv1.stride == (2, 2) and aux.block.conv1.out_channels == 8
+    assert aux.head.fc.in_features == 8 * 2 * 2
+
+
+@pytest.mark.parametrize("override,message", [({"fba.head_grid": 0}, "fba.head_grid"),
+                                              ({"fba.block_stride": -1}, "fba.block_stride"),
+                                              ({"fba.preset": "papr"}, "did you mean 'paper'"),
+                                              ({"fba.input_pool": 0}, "fba.input_pool"),
+                                              ({"fba.head_hidden": -1}, "fba.head_hidden"),
+                                              ({"fba.head_grid": -2}, "fba.head_grid")])
+def test_bad_slm_options_are_rejected(override, message):
+    with pytest.raises((FBAError, ValueError), match=message):
+        fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **override)

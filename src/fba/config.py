@@ -83,7 +83,15 @@ _METHOD_DEFAULTS: dict[str, Any] = {
     "infopro": {"mode": "contrast", "weights_first": [5.0, 0.05], "weights_last": [0.2, 0.5], "temperature": 0.07},
     "auglocal": {"depth": 2, "tau": 0.5},
     "fba": {
+        "preset": None,
+        # The classification SLM, chosen by the MNIST ablation (docs/classification.md): the
+        # stage-tail block on the module's output pooled by 4, a 2x2 grid head with a 2-layer
+        # MLP. Detection and super-resolution build their own SLMs and ignore these four.
         "reduction": 1,
+        "block_stride": 1,
+        "input_pool": 4,
+        "head_grid": 2,
+        "head_hidden": 2,
         "share_head": False,
         "bank": {
             # Chosen by the ablation in docs/feature_bank.md (ResNet-32 K=16 on patches).
@@ -148,7 +156,12 @@ _METHOD_RULES: dict[str, Rule] = {
     "infopro.temperature": rules.positive_number,
     "auglocal.depth": rules.positive_int,
     "auglocal.tau": rules.unit_interval,
+    "fba.preset": (None, "paper"),
     "fba.reduction": rules.positive_int,
+    "fba.block_stride": rules.positive_int,
+    "fba.head_grid": rules.positive_int,
+    "fba.head_hidden": rules.non_negative_int,
+    "fba.input_pool": rules.positive_int,
     "fba.share_head": rules.boolean,
     "fba.bank.source": ("none", "inpass", "longterm", "lookahead"),
     "fba.bank.usage": ("input", "target"),

@@ -4,12 +4,17 @@ The auxiliary network of module k is
 
     A_k(h) = Head_task( Simplify(b_last)(h) (+) Bank^(k) )
 
-- ``Simplify(b_last)``: a freshly initialised, stride-1 block with the architecture of the
-  last block of module k's stage, optionally with its channels divided by ``reduction``.
+- ``Simplify(b_last)``: a freshly initialised block with the architecture of the last block
+  of module k's stage, optionally with its channels divided by ``reduction`` and run at
+  ``block_stride`` (its first convolution strided, so the block costs 1/stride^2 of a
+  stride-1 one).
 - ``Head_task``: a fresh head of the task's own type sized to those channels, or the main
   head itself (``share_head``; the paper's Table 4 ablation), behind a 1x1 channel adapter
   when the channel counts differ. Sharing lets every local loss reach the main head, so the
   head is the one parameter set that is not gradient-isolated in that mode.
+- ``head_grid``: the SLM's map is average-pooled to ``g x g`` and the grid folded into
+  channels before the head, so a head that pools globally (the classifier) still sees
+  coarse spatial layout (``g = 1`` is the plain task head).
 - ``(+)``: :class:`~fba.engine.fusion.LightFusion` of the bank features (``usage="input"``).
   With ``usage="target"`` the bank features are not fed in; instead the auxiliary
   network's pooled features are pulled towards them (cosine loss, weight ``target_weight``),
@@ -35,6 +40,40 @@ from fba.methods import METHODS
 from fba.methods.base import BuildContext, LocalMethod
 
 
+class GridFold(nn.Module):
+    """``(N, C, H, W) -> (N, D, 1, 1)``: average-pool to ``g x g`` and fold the cells into
+    channels (``C*g*g``), then ``hidden`` ``[1x1 conv, BN, ReLU]`` layers (an MLP on the folded
+    vector, kept as a map so the task head reads it unchanged).
+
+    The MLP is ``min(C*g*g, max_width)`` wide: ``D`` is that width, or ``C*g*g`` without
+    hidden layers. The cap keeps the SLMs of wide backbones small (a 4,096-wide layer on
+    ResNet-101's stage 3 would hold 16.8M parameters) and leaves CIFAR ResNets unchanged.
+    """
+
+    def __init__(self, channels: int, grid: int, hidden: int = 0, max_width: int = 512) -> None:
+        super().__init__()
+        self.grid = grid
+        width = channels * grid * grid
+        layers: list[nn.Module] = []
+        for _ in range(hidden):
+            out = min(channels * grid * grid, max_width)
+            layers += [nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            width = out
+        self.mlp = nn.Sequential(*layers)
+        self.out_channels = width
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.mlp(F.adaptive_avg_pool2d(z, self.grid).flatten(1)[:, :, None, None])
+
+
+#: named configurations of the SLM and bank (``fba.preset``); each sets every key it names
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's Eq. 3 as written: a full-width, full-resolution stage-tail block, the task's
+    # own head, and the long-term bank's GAP features fused into the SLM's input.
+    "paper": {"reduction": 1, "block_stride": 1, "head_grid": 1, "head_hidden": 0, "input_pool": 1, "bank_source": "longterm", "bank_usage": "input"},
+}
+
+
 class SimpleLocalModule(nn.Module):
     """Stage-tail block, optional bank fusion, task head.
 
@@ -45,19 +84,24 @@ class SimpleLocalModule(nn.Module):
 
     def __init__(self, block: nn.Module, head: nn.Module, fusion: LightFusion | None = None,
                  target_proj: nn.Module | None = None, adapter: nn.Module | None = None,
-                 summarize: Callable[[Tensor], Tensor] | None = None) -> None:
+                 summarize: Callable[[Tensor], Tensor] | None = None, fold: nn.Module | None = None,
+                 pool: nn.Module | None = None) -> None:
         super().__init__()
         self.summarize = summarize
+        self.pool = pool
         self.block = block
         self.fusion = fusion
+        self.fold = fold
         self.adapter = adapter
         self.head = head
         self.target_proj = target_proj
 
     def forward(self, h: Tensor, bank: Tensor | None = None) -> tuple[Any, Tensor | None]:
-        z = self.block(h)
+        z = self.block(self.pool(h) if self.pool is not None else h)
         if self.fusion is not None and bank is not None:
             z = self.fusion(z, bank)
+        if self.fold is not None:
+            z = self.fold(z)
         head_input = self.adapter(z) if self.adapter is not None else z
         if self.target_proj is None:
             return self.head(head_input), None
@@ -76,6 +120,10 @@ class FBA(LocalMethod):
 
     Args:
         reduction: divide the SLM block's channels by this (1 keeps them).
+        block_stride: stride of the SLM block's first convolution (1 keeps the module's resolution).
+        input_pool: average-pool the module's output by this factor before the SLM block.
+        head_grid: pool the SLM's map to this grid and fold it into channels before the head.
+        head_hidden: hidden ``[linear, BN, ReLU]`` layers on the folded vector before the head.
         share_head: use the main head's parameters in every SLM instead of copies.
         bank_source: one of ``none``, ``inpass``, ``longterm``, ``lookahead``.
         bank_usage: ``input`` (fused into the SLM) or ``target`` (a feature-matching loss).
@@ -89,14 +137,23 @@ class FBA(LocalMethod):
 
     def __init__(self, reduction: int = 1, share_head: bool = False, bank_source: str = "longterm",
                  bank_usage: str = "target", fusion: str = "add", target_weight: float = 1.0,
-                 bank_storage: str = "cpu", bank_dtype: str = "float16") -> None:
-        if reduction < 1:
-            raise ValueError(f"fba.reduction must be >= 1, got {reduction}")
+                 bank_storage: str = "cpu", bank_dtype: str = "float16", block_stride: int = 1,
+                 head_grid: int = 2, head_hidden: int = 2, input_pool: int = 4) -> None:
+        for name, value in (("reduction", reduction), ("block_stride", block_stride), ("head_grid", head_grid),
+                            ("input_pool", input_pool)):
+            if value < 1:
+                raise ValueError(f"fba.{name} must be >= 1, got {value}")
+        if head_hidden < 0:
+            raise ValueError(f"fba.head_hidden must be >= 0, got {head_hidden}")
         for name, value, choices in (("bank_source", bank_source, BANK_SOURCES), ("bank_usage", bank_usage, BANK_USAGES),
                                      ("fusion", fusion, FUSION_MODES)):
             if value not in choices:
                 raise ValueError(f"fba {name} must be one of {choices}, got {value!r}")
         self.reduction = reduction
+        self.block_stride = block_stride
+        self.head_grid = head_grid
+        self.head_hidden = head_hidden
+        self.input_pool = input_pool
         self.share_head = share_head
         self.bank_source = bank_source
         self.bank_usage = bank_usage
@@ -108,9 +165,13 @@ class FBA(LocalMethod):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FBA":
         opts, bank = config["fba"], config["fba"]["bank"]
-        return cls(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
-                   bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
-                   bank_storage=bank["storage"], bank_dtype=bank["dtype"])
+        kwargs = dict(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
+                      bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
+                      bank_storage=bank["storage"], bank_dtype=bank["dtype"], block_stride=opts["block_stride"],
+                      head_grid=opts["head_grid"], head_hidden=opts["head_hidden"], input_pool=opts["input_pool"])
+        if opts["preset"] is not None:
+            kwargs.update(PRESETS[opts["preset"]])
+        return cls(**kwargs)
 
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
         if self.bank_source == "none" or ctx.K == 1:
@@ -141,20 +202,26 @@ class FBA(LocalMethod):
         for k in range(ctx.K - 1):
             spec = ctx.last_spec(k)
             channels = max(1, spec.out_channels // self.reduction)
-            block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
+            block = ctx.model.make_stage_block(max(1, spec.stage), spec.out_channels, channels, self.block_stride)
+            # ceil_mode: a map smaller than the window still yields one cell
+            pool = nn.AvgPool2d(self.input_pool, ceil_mode=True) if self.input_pool > 1 else None
             bank_channels = bank_read_channels(self.bank_source, module_channels, module_stages, k)
             fusion = target_proj = None
             if bank_channels and self.bank_usage == "input":
                 fusion = LightFusion(bank_channels, channels, self.fusion)
                 channels = fusion.out_channels
-            elif bank_channels and self.bank_usage == "target":
+            fold = None
+            if self.head_grid > 1 or self.head_hidden:
+                fold = GridFold(channels, self.head_grid, self.head_hidden)
+                channels = fold.out_channels
+            if bank_channels and self.bank_usage == "target":
                 target_proj = nn.Linear(channels, bank_channels)
             if self.share_head:
                 head = ctx.model.head
                 adapter = nn.Conv2d(channels, head_channels, 1, bias=False) if channels != head_channels else None
             else:
                 head, adapter = ctx.model.make_head(channels), None
-            nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter, ctx.task.summarize))
+            nets.append(SimpleLocalModule(block, head, fusion, target_proj, adapter, ctx.task.summarize, fold, pool))
         return nets
 
     def local_loss(self, k: int, aux: nn.Module, h: Tensor, targets: Any, bank: FeatureBank | None) -> Tensor:
