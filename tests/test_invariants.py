@@ -249,3 +249,16 @@ def test_light_slm_runs_strided_narrow_block_and_grid_head():
 def test_bad_slm_options_are_rejected(override, message):
     with pytest.raises((FBAError, ValueError), match=message):
         fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **override)
+
+
+def test_fba_steps_per_module_by_default_with_the_weights_of_a_global_step():
+    x, y = tiny_batch()
+    kwargs = dict(model="resnet8", method="fba", K=4, num_classes=10, num_samples=8)
+    per_module = fba.build_learner(**kwargs)
+    global_step = fba.build_learner(**kwargs, **{"optim.step": "global"})
+    assert per_module.step_mode == "per_module" and len(per_module.optimizers) == 4
+    for _ in range(3):
+        per_module.train_step(x, y, torch.arange(8))
+        global_step.train_step(x, y, torch.arange(8))
+    for (name, p), q in zip(per_module.state_dict().items(), global_step.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -134,6 +134,9 @@ class FBA(LocalMethod):
     """
 
     name = "fba"
+    # Each module's update reads only its own loss, so stepping module k right after its
+    # backward gives the same weights as one global step, and no gradient outlives its module.
+    default_step = "per_module"
 
     def __init__(self, reduction: int = 1, share_head: bool = False, bank_source: str = "longterm",
                  bank_usage: str = "target", fusion: str = "add", target_weight: float = 1.0,
