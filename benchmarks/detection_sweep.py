@@ -6,6 +6,11 @@ each named run is the default plus its overrides; every run writes its run folde
 
     python benchmarks/detection_sweep.py --out OUT [--jobs 4] [--only NAME,...] [KEY=VALUE ...]
 
+The run list below is the learning-rate and optimiser sweep that was run on a GPU machine
+(``docs/results/detection_lr_sweep_gpu.md``), when the built-in default was 20 epochs of 400
+images; on today's default (1,600 images, 5 epochs) the same names train the new budget,
+so their figures are not comparable with that file's.
+
 Trailing ``KEY=VALUE`` items go to every run (``device=cuda``, ``train.epochs=24``); a run's
 own overrides come after them.
 Each process uses one thread (``OMP_NUM_THREADS=1``).

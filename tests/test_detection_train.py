@@ -102,11 +102,15 @@ def test_draw_detections_labels_boxes_above_the_threshold_only():
     assert drawn[:, 30:38, 37].sum() == 0 and drawn[:, 37, 30:38].sum() == 0  # the low-score box is not drawn
 
 
-def test_bench_builds_the_detector_for_the_measured_input_size(capsys):
+def test_bench_builds_the_detector_for_the_measured_input_size(capsys, tmp_path):
     # A detector built for another size would resize the batch inside its transform, so the
     # figures would be those of another shape; a contradicting data.image_size is refused.
     assert main(["bench", "memory", "task=detection", "data.image_size=128", "--input-size", "64"]) == 2
     assert "data.image_size=128 and --input-size 64 disagree" in capsys.readouterr().err
+    config = tmp_path / "det.yaml"
+    config.write_text("task: detection\ndata: {image_size: 96}\n")
+    assert main(["bench", "memory", str(config), "--input-size", "64"]) == 2  # the same rule for a YAML file
+    assert "data.image_size=96 and --input-size 64 disagree" in capsys.readouterr().err
     from fba.config import resolve_config
 
     assert resolve_config(None, ["task=detection"])["data"]["image_size"] == 128  # the default run's size

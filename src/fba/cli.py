@@ -169,6 +169,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_config_and_overrides(args.items)
     given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "data.image_size"]
+    if config_path is not None and not given:
+        from fba.config import load_yaml
+
+        data = load_yaml(config_path).get("data")
+        if isinstance(data, dict) and "image_size" in data:
+            given = [str(data["image_size"])]
     if given and given[-1] != str(args.input_size):
         from fba.errors import ConfigError
 
