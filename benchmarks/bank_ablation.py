@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from fba.bench.report import markdown_table, write_tables
-from fba.bench.variants import train_variants
+from fba.bench.variants import runs_by_variant, train_variants
 
 COMMON = ["model=resnet32", "K=16", "data.name=patches", "data.batch_size=128", "optim.lr=0.1",
           "train.epochs=8", "train.progress=false", "train.runs_dir=runs/bank_ablation"]
@@ -38,10 +38,7 @@ OUT = Path("docs/results")
 
 def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for name in VARIANTS:
-        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
-        if not mine:
-            continue
+    for name, mine in runs_by_variant(runs, VARIANTS):
         rows.append({
             "variant": name,
             "seeds": ",".join(str(r["seed"]) for r in mine),

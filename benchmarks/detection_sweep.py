@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from fba.bench.variants import train_in_subprocess
 
 SGD2 = ["optim.lr=0.02"]
 ADAMW = ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
@@ -52,18 +52,11 @@ RUNS["yolo-fba-s0"] = ["method=fba", "seed=0", "model=yolov1_resnet18"]
 
 
 def run_one(name: str, overrides: list[str], common: list[str], out: Path) -> dict:
-    log = out / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fba", "train", "task=detection", *common, *overrides,
-               f"train.runs_dir={out / 'runs'}", f"train.name={name}", "train.progress=false", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     start = time.time()
-    with open(log, "w") as file:
-        code = subprocess.call(command, stdout=file, stderr=subprocess.STDOUT, env=env)
+    code, summary = train_in_subprocess(["task=detection", *common, *overrides, f"train.runs_dir={out / 'runs'}",
+                                         f"train.name={name}", "train.progress=false"], out / "logs" / f"{name}.log")
     row = {"name": name, "overrides": " ".join(overrides), "exit": code, "wall_seconds": round(time.time() - start, 1)}
-    lines = log.read_text().strip().splitlines()
-    if code == 0 and lines:
-        summary = json.loads(lines[-1])
+    if summary is not None:
         row.update({k: summary.get(k) for k in ("map50", "map", "map75", "peak_memory_bytes", "seconds_per_epoch")})
     metrics = out / "runs" / name / "metrics.csv"
     if metrics.exists():

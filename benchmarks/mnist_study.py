@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fba.bench.report import markdown_table, write_tables
+from fba.bench.variants import runs_by_variant, train_in_subprocess
 
 
 def slm(grid: int, hidden: int, pool: int, stride: int, reduction: int) -> list[str]:
@@ -57,25 +55,21 @@ OUT = Path("docs/results")
 
 def train(variant: str, seed: int, per_class: int, epochs: int, runs_dir: Path, extra: list[str]) -> dict:
     name = re.sub(r"[^A-Za-z0-9]+", "_", variant).strip("_") + f"_s{seed}"
-    command = [sys.executable, "-m", "fba", "train", "--json", "model=resnet32", "K=16", "data.name=mnist",
-               f"data.per_class_train={per_class}", "data.batch_size=128", "optim.lr=0.1",
-               f"train.epochs={epochs}", f"train.eval_every={epochs}", "train.progress=false",
-               f"train.runs_dir={runs_dir}", f"train.name={name}", f"seed={seed}", *VARIANTS[variant], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} seed {seed} failed: {done.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    overrides = ["model=resnet32", "K=16", "data.name=mnist", f"data.per_class_train={per_class}",
+                 "data.batch_size=128", "optim.lr=0.1", f"train.epochs={epochs}", f"train.eval_every={epochs}",
+                 "train.progress=false", f"train.runs_dir={runs_dir}", f"train.name={name}", f"seed={seed}",
+                 *VARIANTS[variant], *extra]
+    log = runs_dir / f"{name}.log"
+    code, summary = train_in_subprocess(overrides, log)
+    if summary is None:
+        raise SystemExit(f"{variant} seed {seed} failed (exit {code}): {log.read_text().strip().splitlines()[-1:]}")
     print(f"[{variant}] seed {seed}: top-1 {summary['top1']:.4f}, {summary['seconds_per_epoch']:.1f} s/epoch", flush=True)
     return {"variant": variant, "seed": seed, "top1": summary["top1"], "seconds_per_epoch": summary["seconds_per_epoch"]}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for name in VARIANTS:
-        mine = sorted((r for r in runs if r["variant"] == name), key=lambda r: r["seed"])
-        if not mine:
-            continue
+    for name, mine in runs_by_variant(runs, VARIANTS):
         top1 = [r["top1"] for r in mine]
         rows.append({"variant": name, "seeds": ",".join(str(r["seed"]) for r in mine),
                      "top1_per_seed": " / ".join(f"{t:.4f}" for t in top1), "top1_mean": statistics.fmean(top1),

@@ -54,11 +54,11 @@ class GridFold(nn.Module):
         super().__init__()
         self.grid = grid
         width = channels * grid * grid
+        hidden_width = min(width, max_width)
         layers: list[nn.Module] = []
         for _ in range(hidden):
-            out = min(channels * grid * grid, max_width)
-            layers += [nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            width = out
+            layers += [nn.Conv2d(width, hidden_width, 1, bias=False), nn.BatchNorm2d(hidden_width), nn.ReLU(inplace=True)]
+            width = hidden_width
         self.mlp = nn.Sequential(*layers)
         self.out_channels = width
 
