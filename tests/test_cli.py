@@ -1,6 +1,7 @@
 """The command line: the default run's outputs, resume, eval/export/bench, and bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_train_json_and_run_folder(capsys, tmp_path):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_hold_each_modules_local_loss(trained_run):
+    """K=4: one mean local loss per module and epoch; the last module's is the train loss."""
+    rows = json.loads((trained_run / "metrics.json").read_text())
+    for row in rows:
+        local = [row[f"train_loss/{k}"] for k in range(4)]
+        assert all(math.isfinite(v) and v > 0 for v in local)
+        assert local[-1] == pytest.approx(row["train_loss"])
 
 
 def test_eval_reproduces_the_final_top1(capsys, trained_run):

@@ -199,6 +199,7 @@ class Trainer:
         if cuda_peak:  # training steps only: evaluation must not set the training peak
             torch.cuda.reset_peak_memory_stats(self.device)
         losses: list[float] = []
+        module_losses: dict[str, list[float]] = {}  # "loss/k": module k's local loss per step
         lr = self.learner.optimizers[0].param_groups[0]["lr"]
         tracker_seconds = 0.0
         start = time.perf_counter()
@@ -218,11 +219,16 @@ class Trainer:
             else:
                 out = self.learner.train_step(images, labels, indices)
             losses.append(out["loss"])
+            module_keys = [key for key in out if key.startswith("loss/")]
+            for key in module_keys:
+                module_losses.setdefault(key, []).append(out[key])
             lr = out["lr"]
             batches.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
             if self.learner.global_step % 10 == 0:
                 records.scalar("step/loss", out["loss"], self.learner.global_step)
                 records.scalar("step/lr", out["lr"], self.learner.global_step)
+                for key in module_keys:  # where local learning goes wrong shows module by module
+                    records.scalar(f"step/{key}", out[key], self.learner.global_step)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             if cuda_peak:
@@ -231,8 +237,11 @@ class Trainer:
         if tracker_seconds and len(losses) > 1:  # the tracked step counts as an average one
             untracked = seconds - tracker_seconds
             seconds = untracked * len(losses) / (len(losses) - 1)
-        return {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
-                "lr": lr, "seconds": seconds}  # the rate of the epoch's last step, not the next one's
+        row = {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else float("nan"),
+               "lr": lr, "seconds": seconds}  # the rate of the epoch's last step, not the next one's
+        if len(module_losses) > 1:  # one module: its loss is train_loss
+            row.update({f"train_{key}": statistics.fmean(values) for key, values in module_losses.items()})
+        return row
 
     def _train_epoch_pipelined(self, epoch: int) -> dict[str, Any]:
         """One epoch as a pipeline stage: rank 0 reads the batches, every rank trains its modules.
