@@ -61,6 +61,32 @@ def test_schedule_warms_up_then_decays():
     assert lrs[0] < lrs[2] < lrs[3] and lrs[3] == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01
 
 
+@pytest.mark.parametrize("step", ["global", "per_module"])
+@pytest.mark.parametrize("method", ["fba", "dgl", "infopro"])
+def test_aux_lr_scale_sets_the_auxiliary_rate_alone(method, step):
+    """Every auxiliary parameter follows lr x scale through warm-up and decay; the backbone's
+    rate is the run's; each parameter is stepped by exactly one optimizer."""
+    kwargs = dict(model="resnet8", K=4, num_classes=10, num_samples=64, method=method, total_steps=6, steps_per_epoch=2)
+    learner = fba.build_learner(**kwargs, optim={"lr": 0.05, "step": step, "aux_lr_scale": 0.25})
+    aux = {id(p) for net in learner.aux_nets for p in net.parameters()}
+    backbone = {id(p) for p in learner.plain.parameters()}
+    for _ in range(3):
+        learner.train_step(*tiny_batch())
+        rates = {id(p): group["lr"] for opt in learner.optimizers for group in opt.param_groups for p in group["params"]}
+        assert len(rates) == sum(len(g["params"]) for o in learner.optimizers for g in o.param_groups)
+        assert set(rates) == aux | backbone
+        main_rate = next(rates[i] for i in backbone)
+        assert all(rates[i] == pytest.approx(main_rate) for i in backbone)
+        assert all(rates[i] == pytest.approx(0.25 * main_rate) for i in aux)
+    same = fba.build_learner(**kwargs, optim={"lr": 0.05, "step": step})
+    assert [len(o.param_groups) for o in same.optimizers] == [1] * len(same.optimizers)  # 1.0: one group, as before
+
+
+def test_aux_lr_scale_zero_is_refused():
+    with pytest.raises(fba.FBAError, match="'optim.aux_lr_scale': expected a finite positive number"):
+        fba.build_learner(model="resnet8", optim={"aux_lr_scale": 0})
+
+
 def test_unknown_option_is_a_config_error():
     with pytest.raises(fba.FBAError, match="unknown config key 'fba.bank.sauce'"):
         fba.build_learner(model="resnet8", **{"fba.bank.sauce": "inpass"})

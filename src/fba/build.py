@@ -51,8 +51,12 @@ def build_method(config: Mapping[str, Any]):
 
 
 def optimizer_factory(optim: Mapping[str, Any]):
+    """``make(params)``: the run's optimizer over a parameter list, or over parameter groups,
+    where a group's ``lr_scale`` multiplies ``optim.lr`` (the auxiliary networks' groups)."""
     def make(params):
         params = list(params)
+        if params and isinstance(params[0], dict):
+            params = [{**group, "lr": optim["lr"] * group.get("lr_scale", 1.0)} for group in params]
         if optim["name"] == "sgd":
             return torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"],
                                    nesterov=optim["nesterov"] and optim["momentum"] > 0, weight_decay=optim["weight_decay"])
@@ -171,7 +175,7 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
             plain=model.plain, local_modules=modules, head=model.head, aux_nets=aux_nets, method=method, task=task,
             make_optimizer=optimizer_factory(cfg["optim"]),
             make_scheduler=scheduler_factory(cfg["optim"], total_steps, steps_per_epoch),
-            step_mode=step_mode, bank=bank, precision=cfg["precision"],
+            step_mode=step_mode, bank=bank, precision=cfg["precision"], aux_lr_scale=cfg["optim"]["aux_lr_scale"],
         ).to(device)
     except ValueError as error:
         raise FBAError(f"method {cfg['method']!r} on {cfg['model']!r}: {error}") from None

@@ -66,6 +66,7 @@ _CORE_DEFAULTS: dict[str, Any] = {
         "decay_every_epochs": 200,
         "decay_factor": 0.5,
         "step": "auto",
+        "aux_lr_scale": 1.0,
     },
     "train": {
         "epochs": 30,
@@ -140,6 +141,7 @@ _CORE_RULES: dict[str, Rule] = {
     "optim.decay_every_epochs": rules.positive_number,
     "optim.decay_factor": rules.positive_number,
     "optim.step": ("auto", "global", "per_module"),
+    "optim.aux_lr_scale": rules.positive_number,
     "train.epochs": rules.positive_int,
     "train.eval_every": rules.positive_int,
     "train.runs_dir": rules.string,

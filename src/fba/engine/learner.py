@@ -104,6 +104,10 @@ class LocalLearner(nn.Module):
         step_mode: ``"global"`` or ``"per_module"``.
         bank: the feature bank, or None.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler on CUDA).
+        aux_lr_scale: the auxiliary networks' learning rate as a multiple of the backbone's.
+            Other than 1, each optimizer gets two parameter groups, ``{"params": ...}`` and
+            ``{"params": ..., "lr_scale": aux_lr_scale}``, which ``make_optimizer`` must honour
+            (:func:`fba.build.optimizer_factory` does).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class LocalLearner(nn.Module):
         step_mode: str = "global",
         bank: FeatureBank | None = None,
         precision: str = "fp32",
+        aux_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if step_mode not in STEP_MODES:
@@ -135,6 +140,7 @@ class LocalLearner(nn.Module):
         self.step_mode = step_mode
         self.bank = bank
         self.precision = precision
+        self.aux_lr_scale = aux_lr_scale
         self.global_step = 0
         self.optimizers = [make_optimizer(params) for params in self._parameter_groups()]
         self.schedulers = [make_scheduler(opt) for opt in self.optimizers] if make_scheduler else []
@@ -154,25 +160,30 @@ class LocalLearner(nn.Module):
     def plain(self) -> nn.Module:
         return self._plain
 
-    def _parameter_groups(self) -> list[list[nn.Parameter]]:
-        """One group for a global step; otherwise module k + aux k, each parameter owned once.
+    def _parameter_groups(self) -> list[list[nn.Parameter]] | list[list[dict[str, Any]]]:
+        """What each optimizer steps: one optimizer for a global step; otherwise module k + aux k.
 
-        A parameter shared between an auxiliary network and the main network (the shared-head
-        option) belongs to the module that owns it, so one optimizer steps it.
+        Each parameter is owned once: a parameter shared between an auxiliary network and the
+        main network (the shared-head option) belongs to the module that owns it, so one
+        optimizer steps it at the backbone's rate. With ``aux_lr_scale`` other than 1, an
+        optimizer's auxiliary parameters form a second group that carries the scale.
         """
-        if self.step_mode == "global":
-            return [list(self.parameters())]
         owned: set[int] = set()
-        groups: list[list[nn.Parameter]] = []
+        main: list[list[nn.Parameter]] = []
         for k, module in enumerate(self.local_modules):
             params = list(module.parameters()) + (list(self.head.parameters()) if k == self.K - 1 else [])
             owned.update(id(p) for p in params)
-            groups.append(params)
-        for k, aux in enumerate(self.aux_nets):
-            fresh = [p for p in aux.parameters() if id(p) not in owned]
-            owned.update(id(p) for p in fresh)
-            groups[k] += fresh
-        return groups
+            main.append(params)
+        aux: list[list[nn.Parameter]] = [[] for _ in main]
+        for k, net in enumerate(self.aux_nets):
+            aux[k] = [p for p in net.parameters() if id(p) not in owned]
+            owned.update(id(p) for p in aux[k])
+        if self.step_mode == "global":
+            main, aux = [[p for params in main for p in params]], [[p for params in aux for p in params]]
+        if self.aux_lr_scale == 1.0:
+            return [m + a for m, a in zip(main, aux)]
+        return [[{"params": m}] + ([{"params": a, "lr_scale": self.aux_lr_scale}] if a else [])
+                for m, a in zip(main, aux)]
 
     def _check_every_parameter_is_trained(self) -> None:
         """A trainable parameter of the plain model in no optimizer would silently stay at its init."""
