@@ -46,9 +46,9 @@ ABLATION = {
     "grid + MLP(3 hidden), stride 2, r2": slm(2, 3, 1, 2, 2),
     "grid + MLP(2 hidden), stride 2": slm(2, 2, 1, 2, 1),
     "new default: pool 4, grid + MLP(2 hidden)": slm(2, 2, 4, 1, 1),
-    "new default, aux lr x0.5": [*slm(2, 2, 4, 1, 1), "optim.aux_lr_scale=0.5"],
-    "new default, aux lr x2": [*slm(2, 2, 4, 1, 1), "optim.aux_lr_scale=2"],
-    "new default, bank target weight 3": [*slm(2, 2, 4, 1, 1), "fba.bank.target_weight=3"],
+    "new default + aux lr x0.5": [*slm(2, 2, 4, 1, 1), "optim.aux_lr_scale=0.5"],
+    "new default + aux lr x2": [*slm(2, 2, 4, 1, 1), "optim.aux_lr_scale=2"],
+    "new default + bank target weight 3": [*slm(2, 2, 4, 1, 1), "fba.bank.target_weight=3"],
 }
 VARIANTS = {**METHODS, **ABLATION}
 GROUPS = {"METHODS": list(METHODS), "ABLATION": ["dgl", *ABLATION]}
