@@ -6,6 +6,9 @@
 #   cuda: torch.cuda.max_memory_allocated.
 #   GROUP: r34, yolo34, r34_k17, yolo34_k17, r50, r101, r152 (default: all of them), and
 #   r34_light, yolo34_light: K=4 with det.local_min_stride=8 (module 0's SLM at stride 8).
+# Detection's defaults hold: local methods checkpoint module 0 (checkpoint=[0]); the rows
+# METHOD+checkpoint=false show them without it, METHOD+checkpoint with every module checkpointed.
+# The paper's FPN width (256) is set explicitly, whatever the built-in run's default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FBA=${FBA:-.venv/bin/fba}  # a command, may be "python -m fba"
@@ -13,7 +16,7 @@ DEVICE=${1:-cpu}
 OUT=${2:-docs/results}
 shift $(( $# < 2 ? $# : 2 ))
 GROUPS_WANTED=${*:-r34 yolo34 r34_k17 yolo34_k17 r50 r101 r152}
-SHAPE=(--batch-size 8 --input-size 512 --num-classes 20 --num-samples 1000 "device=$DEVICE")
+SHAPE=(--batch-size 8 --input-size 512 --num-classes 20 --num-samples 1000 "device=$DEVICE" det.fpn_channels=256)
 
 run() {  # run NAME MODEL K METHODS [KEY=VALUE ...]
   echo "== $DEVICE $1: $2 K=$3 ${*:5}" >&2
@@ -23,8 +26,8 @@ run() {  # run NAME MODEL K METHODS [KEY=VALUE ...]
 
 for group in $GROUPS_WANTED; do
   case $group in
-    r34) run r34_k4 retinanet_resnet34 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint ;;
-    yolo34) run yolo34_k4 yolov1_resnet34 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint ;;
+    r34) run r34_k4 retinanet_resnet34 4 bp,bp_checkpoint,dgl,dgl+checkpoint=false,fba,fba+checkpoint=false,fba+checkpoint ;;
+    yolo34) run yolo34_k4 yolov1_resnet34 4 bp,bp_checkpoint,dgl,dgl+checkpoint=false,fba,fba+checkpoint=false,fba+checkpoint ;;
     r34_k17) run r34_k17 retinanet_resnet34 17 bp,dgl,fba,fba+checkpoint ;;
     yolo34_k17) run yolo34_k17 yolov1_resnet34 17 bp,dgl,fba ;;
     r50) run r50_k4 retinanet_resnet50 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
@@ -33,8 +36,8 @@ for group in $GROUPS_WANTED; do
           run r101_k34 retinanet_resnet101 34 bp,dgl,fba ;;
     r152) run r152_k4 retinanet_resnet152 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
           run r152_k51 retinanet_resnet152 51 bp,dgl,fba ;;
-    r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 ;;
-    yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 ;;
+    r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 checkpoint=false ;;
+    yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 checkpoint=false ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done

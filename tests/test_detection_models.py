@@ -163,14 +163,16 @@ def test_maps_inside_the_last_module_keep_their_graph():
     assert list(learner.head.taps.detach.values()) == [False, False]
 
 
-def test_export_loads_strictly_into_torchvision_retinanet_and_detects_the_same():
-    learner = fba.build_learner(**DET, model="retinanet_resnet18", method="fba", K=4, num_classes=3, num_samples=2)
+@pytest.mark.parametrize("fpn_channels", [256, 64])
+def test_export_loads_strictly_into_torchvision_retinanet_and_detects_the_same(fpn_channels):
+    learner = fba.build_learner(**DET, model="retinanet_resnet18", method="fba", K=4, num_classes=3, num_samples=2,
+                                **{"det.fpn_channels": fpn_channels})
     images, targets = batch()
     learner.train_step(images, targets, torch.arange(2))  # moves weights and BN statistics
     learner.plain.head.classification_head.cls_logits.bias.data.zero_()
     exported = learner.export()
     assert isinstance(exported, RetinaNet) and not exported.training
-    reference = torchvision_retinanet(18, num_classes=3, image_size=SIZE)
+    reference = torchvision_retinanet(18, num_classes=3, image_size=SIZE, fpn_channels=fpn_channels)
     reference.load_state_dict(exported.state_dict(), strict=True)
     reference.eval()
     test_images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
@@ -180,6 +182,22 @@ def test_export_loads_strictly_into_torchvision_retinanet_and_detects_the_same()
     assert sum(len(d["boxes"]) for d in theirs) > 0
     assert_same_detections(ours, theirs, atol=1e-5)
     assert_same_detections(via_units, theirs, atol=1e-5)
+
+
+def test_torchvision_retinanet_is_resnet_fpn_backbone_at_256_channels_seed_for_seed():
+    """At torchvision's width the backbone is ``resnet_fpn_backbone``'s, weights included."""
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    ours = torchvision_retinanet(18, num_classes=3, image_size=SIZE).backbone.state_dict()
+    torch.manual_seed(0)
+    theirs = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5,
+                                 returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(512, 256)).state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        torchvision_retinanet(18, num_classes=3, image_size=SIZE, fpn_channels=48)
 
 
 def test_default_anchor_and_grid_sizes():
@@ -296,11 +314,14 @@ def test_plugin_config_batch_and_metadata():
     cfg = resolve_config(None, ["task=detection"])
     assert (cfg["model"], cfg["K"], cfg["data"]["name"], cfg["data"]["image_size"]) == (
         "retinanet_resnet18", 4, "shapes-det", 128)
-    assert cfg["det"] == {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+    assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
                           "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
+    assert cfg["checkpoint"] == [0]  # module 0 sets the peak (docs/detection.md, Memory)
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
+    with pytest.raises(fba.errors.ConfigError, match="det.fpn_channels.*multiple of 32"):
+        resolve_config(None, ["task=detection", "det.fpn_channels=100"])
     assert plugin.build_task(cfg).name == "detection" and plugin.primary_metric == "map50"
     images, targets = batch(5, size=96)
     assert images.shape == (5, 3, 96, 96) and 0 <= images.min() and images.max() <= 1
@@ -313,7 +334,7 @@ def test_plugin_config_batch_and_metadata():
         num_classes = 3
 
     assert plugin.export_metadata(cfg, Info()) == {"num_classes": "3", "image_size": "128",
-                                                   "anchor_sizes": "[8, 16, 32, 64, 128]"}
+                                                   "anchor_sizes": "[8, 16, 32, 64, 128]", "fpn_channels": "256"}
     yolo = resolve_config(None, ["task=detection", "model=yolov1_resnet34", "det.yolo_grid=5"])
     assert plugin.export_metadata(yolo, Info())["grid_size"] == "5"
     assert plugin.build_model(yolo, 3, 3).plain.head.grid_size == 5

@@ -86,3 +86,21 @@ def test_sr_early_map_counts_as_an_activation_not_as_the_bank():
     fba_row = rows[1]
     assert fba_row["bank"] == 0 and fba_row["bank_storage_bytes"] == 0
     assert fba_row["activations"] > 0
+
+
+def test_method_rows_take_options_and_one_key_overrides():
+    assert runner.parse_method_spec("fba") == ("fba", {}, None)
+    assert runner.parse_method_spec("fba+checkpoint+pipeline") == ("fba", {"checkpoint": True}, "pipeline")
+    assert runner.parse_method_spec("fba+checkpoint=[0]+det.fpn_channels=128") == (
+        "fba", {"checkpoint": [0], "det.fpn_channels": 128}, None)
+    with pytest.raises(fba.errors.ConfigError, match="unknown row option 'fast'"):
+        runner.parse_method_spec("fba+fast")
+
+
+def test_a_row_override_reaches_only_its_row():
+    cfg = resolve_config(None, ["model=resnet8", "K=4"])
+    rows = runner.measure_memory(cfg, ["fba", "fba+checkpoint=[0, 1, 2, 3]", "fba+checkpoint=true"], batch_size=8,
+                                 input_size=16, num_samples=16)
+    peaks = [row["peak_bytes"] for row in rows]
+    assert [row["method"] for row in rows] == ["fba", "fba+checkpoint=[0, 1, 2, 3]", "fba+checkpoint=true"]
+    assert peaks[1] == peaks[2] != peaks[0]  # all four modules listed is checkpoint=true

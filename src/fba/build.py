@@ -160,12 +160,14 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
         step_mode = method.default_step
     # checkpoint=true: each module keeps only its units' inputs and recomputes the rest in its
     # backward, so a module's activations shrink to its unit boundaries plus one unit's.
-    checkpointing = cfg["checkpoint"] or method.checkpoints_activations
-    make_module = (lambda units: CheckpointedUnits(*units)) if checkpointing else method.module_from_units
-    modules = [make_module([model.units[i] for i in group]) for group in groups]
-    if checkpointing:  # and the per-sample heads (SR tails), in the auxiliary networks too
+    checkpointed = checkpointed_modules(cfg["checkpoint"], method, len(groups))
+    modules = [CheckpointedUnits(*[model.units[i] for i in group]) if k in checkpointed
+               else method.module_from_units([model.units[i] for i in group]) for k, group in enumerate(groups)]
+    # and the per-sample heads (SR tails) of those modules, in the auxiliary networks too
+    if len(groups) - 1 in checkpointed:
         checkpoint_per_sample_modules(model.head)
-        for aux in aux_nets:
+    for k, aux in enumerate(aux_nets):
+        if k in checkpointed:
             checkpoint_per_sample_modules(aux)
     model.plain.to(device)
     for aux in aux_nets:
@@ -185,6 +187,24 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     # modules in different processes would not see it.
     learner.shares_state_across_units = model.set_partition is not None
     return learner
+
+
+def checkpointed_modules(checkpoint: bool | list[int], method: Any, num_modules: int) -> set[int]:
+    """The local modules whose units run under activation checkpointing.
+
+    ``checkpoint=true`` (or a method that checkpoints by definition, ``bp_checkpoint``): all.
+    A list names local modules; end-to-end methods ignore it, since their one "module" is
+    the whole network (``bp_checkpoint`` is BP checkpointed).
+    """
+    if checkpoint is True or method.checkpoints_activations:
+        return set(range(num_modules))
+    if not checkpoint or method.end_to_end:
+        return set()
+    missing = sorted(k for k in checkpoint if k >= num_modules)
+    if missing:
+        raise FBAError(f"checkpoint={list(checkpoint)}: module {missing[0]} does not exist, "
+                       f"the {num_modules} local modules are 0..{num_modules - 1}")
+    return set(checkpoint)
 
 
 def dataset_registry(task: str):

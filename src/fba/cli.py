@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["memory", "time"])
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="model=..., K=..., fba.* options")
     p.add_argument("--methods", default="bp,bp_checkpoint,fba",
-                   help="comma-separated methods; METHOD+checkpoint adds checkpoint=true to that row, METHOD+ddp and "
+                   help="comma-separated methods; METHOD+checkpoint adds checkpoint=true to that row, METHOD+KEY=VALUE sets one key for that row (fba+checkpoint=[0]), METHOD+ddp and "
                         "METHOD+pipeline run it in 2 processes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default: %(default)s)")

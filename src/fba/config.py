@@ -35,6 +35,7 @@ _CORE_DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     # Activation checkpointing inside each local module (any method): less memory than both
     # plain local learning and bp_checkpoint, for one recomputed forward (docs/scaling.md).
+    # A list of module indices checkpoints only those modules (local methods only).
     "checkpoint": False,
     "resume": None,
     "init_from": None,
@@ -117,7 +118,7 @@ _CORE_RULES: dict[str, Rule] = {
     "seed": rules.seed,
     "device": rules.device,
     "precision": ("fp32", "bf16", "fp16"),
-    "checkpoint": rules.boolean,
+    "checkpoint": rules.checkpoint_modules,
     "distributed.mode": ("ddp", "pipeline"),
     "resume": rules.optional_str,
     "init_from": rules.optional_str,

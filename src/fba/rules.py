@@ -85,5 +85,12 @@ def boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else "true or false"
 
 
+def checkpoint_modules(value: Any) -> str | None:
+    """``checkpoint``: true/false, or a non-empty list of distinct local-module indices."""
+    ok = isinstance(value, bool) or (isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value)
+                                     and len(set(value)) == len(value))
+    return None if ok else "true, false or a list of distinct module indices (e.g. [0])"
+
+
 def string(value: Any) -> str | None:
     return None if isinstance(value, str) else "a string"

@@ -28,13 +28,16 @@ def _synthetic_batch(cfg: Mapping[str, Any], batch_size: int, in_channels: int, 
 
 
 #: row options: ``fba+checkpoint`` is ``fba`` with ``checkpoint=true``; ``fba+ddp`` and
-#: ``fba+pipeline`` run it in 2 processes (:mod:`fba.bench.multiprocess`)
+#: ``fba+pipeline`` run it in 2 processes (:mod:`fba.bench.multiprocess`); ``fba+KEY=VALUE``
+#: overrides one config key for that row only (``fba+checkpoint=[0]``)
 ROW_OPTIONS: dict[str, dict[str, Any]] = {"checkpoint": {"checkpoint": True}}
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any], str | None]:
-    """``"fba+checkpoint+pipeline"`` -> ``("fba", {"checkpoint": True}, "pipeline")``."""
+    """``"fba+checkpoint+pipeline"`` -> ``("fba", {"checkpoint": True}, "pipeline")``;
+    ``"fba+checkpoint=[0]"`` -> ``("fba", {"checkpoint": [0]}, None)``."""
     from fba.bench.multiprocess import MODES
+    from fba.config import parse_override
     from fba.errors import ConfigError
 
     name, *options = spec.split("+")
@@ -45,9 +48,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any], str | None]:
             mode = option
         elif option in ROW_OPTIONS:
             overrides.update(ROW_OPTIONS[option])
+        elif "=" in option:
+            key, value = parse_override(option)
+            overrides[key] = value
         else:
             raise ConfigError(f"--methods {spec!r}: unknown row option {option!r} "
-                              f"(known: {', '.join([*ROW_OPTIONS, *MODES])}, one mode per row)")
+                              f"(known: {', '.join([*ROW_OPTIONS, *MODES])}, KEY=VALUE, one mode per row)")
     return name, overrides, mode
 
 

@@ -255,6 +255,7 @@ class LocalRetinaNetHead(RetinaNetOutputs):
                 raise ValueError(f"det.local_head_convs must be 1..4, got {num_convs}")
             head.classification_head.conv = head.classification_head.conv[:num_convs]
             head.regression_head.conv = head.regression_head.conv[:num_convs]
+            head.regression_head._loss_type = main.head.regression_head._loss_type  # the task's box loss
         self.net = RetinaNet(_SingleMap(channels), main.head.classification_head.num_classes,
                              anchor_generator=anchors, head=head)
         object.__setattr__(self, "taps", taps)

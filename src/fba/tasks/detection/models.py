@@ -48,7 +48,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import resize_boxes
@@ -69,6 +69,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BASE_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 FPN_CHANNELS = 256
+#: RetinaNet box losses that torchvision's regression head offers and that are offered here
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 #: the ResNet layers whose outputs feed the FPN (C3, C4, C5)
 FPN_LAYERS = (2, 3, 4)
 
@@ -106,31 +108,48 @@ def c5_channels(depth: int) -> int:
 
 
 def torchvision_retinanet(depth: int, num_classes: int, image_size: int,
-                          anchor_sizes: Sequence[float] | None = None) -> RetinaNet:
+                          anchor_sizes: Sequence[float] | None = None, fpn_channels: int = FPN_CHANNELS,
+                          box_loss: str = "l1") -> RetinaNet:
     """The torchvision RetinaNet that ``retinanet_resnet<depth>`` is, built by torchvision alone.
 
     An exported model's ``state_dict`` loads into this object with ``strict=True`` and gives
     the same detections. Settings:
 
-    - backbone: ``resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None,
-      norm_layer=nn.BatchNorm2d, trainable_layers=5, returned_layers=[2, 3, 4],
-      extra_blocks=LastLevelP6P7(C5 channels, 256))``: P3-P7, P6 from C5 as in the paper;
+    - backbone: ``BackboneWithFPN(resnet<depth>(weights=None, norm_layer=nn.BatchNorm2d),
+      {"layer2": "0", "layer3": "1", "layer4": "2"}, [C3, C4, C5 channels], fpn_channels,
+      extra_blocks=LastLevelP6P7(C5 channels, fpn_channels))``: P3-P7, P6 from C5 as in the
+      paper. With ``fpn_channels=256`` this is exactly ``resnet_fpn_backbone(backbone_name=...,
+      weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5, returned_layers=[2, 3, 4],
+      extra_blocks=LastLevelP6P7(C5 channels, 256))``, which has no width argument;
     - anchors: :func:`anchor_generator` of ``anchor_sizes`` (default
       :func:`default_anchor_sizes`);
-    - head: ``RetinaNetHead(256, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))``;
+    - head: ``RetinaNetHead(fpn_channels, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))``
+      with ``head.regression_head._loss_type = box_loss``: ``"l1"`` on the encoded deltas
+      (torchvision's RetinaNet v1) or ``"giou"`` on the decoded boxes (its
+      ``retinanet_resnet50_fpn_v2``); a training setting only, not part of the weights;
     - transform: ``min_size=max_size=image_size``, ImageNet mean and std, so a square input
       of ``image_size`` is normalised and not resized; other score/NMS settings are
       torchvision's defaults.
 
     ``num_classes`` counts object classes only (labels 0..num_classes-1): RetinaNet's
-    sigmoid classifier has no background class.
+    sigmoid classifier has no background class. ``fpn_channels`` must be a multiple of 32
+    (the head's GroupNorm groups).
     """
-    backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=nn.BatchNorm2d,
-                                   trainable_layers=5, returned_layers=list(FPN_LAYERS),
-                                   extra_blocks=LastLevelP6P7(c5_channels(depth), FPN_CHANNELS))
+    if fpn_channels <= 0 or fpn_channels % 32:
+        raise ValueError(f"fpn_channels must be a positive multiple of 32 (GroupNorm(32) in the head), got {fpn_channels}")
+    c5 = c5_channels(depth)
+    # Built in resnet_fpn_backbone's order (P6P7, ResNet, FPN), so a seed gives its weights.
+    extra_blocks = LastLevelP6P7(c5, fpn_channels)
+    body = getattr(tv_resnet, f"resnet{depth}")(weights=None, norm_layer=nn.BatchNorm2d)
+    backbone = BackboneWithFPN(body, {f"layer{layer}": str(i) for i, layer in enumerate(FPN_LAYERS)},
+                               [c5 // 2 ** (len(FPN_LAYERS) - 1 - i) for i in range(len(FPN_LAYERS))], fpn_channels,
+                               extra_blocks=extra_blocks)
     anchors = anchor_generator(anchor_sizes or default_anchor_sizes(image_size))
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    head.regression_head._loss_type = box_loss
     return RetinaNet(backbone, num_classes, min_size=image_size, max_size=image_size, image_mean=list(IMAGENET_MEAN),
                      image_std=list(IMAGENET_STD), anchor_generator=anchors, head=head)
 
@@ -347,12 +366,14 @@ class SingleLevelRetinaNetHead(RetinaNetOutputs):
     FBA part); this is the plain "copy of the task's head" for one map.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, anchor_sizes: Sequence[float], taps: PyramidTaps) -> None:
+    def __init__(self, in_channels: int, num_classes: int, anchor_sizes: Sequence[float], taps: PyramidTaps,
+                 box_loss: str = "l1") -> None:
         super().__init__()
         pyramid = anchor_generator(anchor_sizes)
         anchors = AnchorGenerator((tuple(s for level in pyramid.sizes for s in level),), (ASPECT_RATIOS,))
         head = RetinaNetHead(in_channels, anchors.num_anchors_per_location()[0], num_classes,
                              norm_layer=partial(nn.GroupNorm, math.gcd(32, in_channels)))
+        head.regression_head._loss_type = box_loss
         self.net = RetinaNet(_SingleMap(in_channels), num_classes, anchor_generator=anchors, head=head)
         object.__setattr__(self, "taps", taps)
 
@@ -621,7 +642,8 @@ def _check_rgb(in_channels: int) -> None:
 
 
 def retinanet_unit_model(depth: int, num_classes: int, image_size: int,
-                         anchor_sizes: Sequence[float] | None = None) -> UnitModel:
+                         anchor_sizes: Sequence[float] | None = None, fpn_channels: int = FPN_CHANNELS,
+                         box_loss: str = "l1") -> UnitModel:
     """``retinanet_resnet<depth>`` as units + head; ``plain`` is :func:`torchvision_retinanet`'s object.
 
     Args:
@@ -631,9 +653,12 @@ def retinanet_unit_model(depth: int, num_classes: int, image_size: int,
             default anchors).
         anchor_sizes: base anchor size of each level P3..P7 (default
             :func:`default_anchor_sizes`).
+        fpn_channels: width of the FPN and of the RetinaNet head (torchvision's 256).
+        box_loss: the box regression loss, one of :data:`BOX_LOSSES`; the local heads that
+            :func:`~fba.tasks.detection.local.build_fba_slms` and the DGL builder make copy it.
     """
     anchor_sizes = tuple(anchor_sizes or default_anchor_sizes(image_size))
-    net = torchvision_retinanet(depth, num_classes, image_size, anchor_sizes)
+    net = torchvision_retinanet(depth, num_classes, image_size, anchor_sizes, fpn_channels, box_loss)
     # Training images come at the model's size, and a resize here would not reach the
     # targets (units pass images only): the transform normalises and pads, and resizes in
     # eval only, as torchvision's own reference scripts do with this switch.
@@ -650,7 +675,7 @@ def retinanet_unit_model(depth: int, num_classes: int, image_size: int,
         specs=specs,
         head=RetinaNetFPNHead(net, taps),
         make_stage_block=_stage_block_maker(block_types),
-        make_head=lambda channels: SingleLevelRetinaNetHead(channels, num_classes, anchor_sizes, taps),
+        make_head=lambda channels: SingleLevelRetinaNetHead(channels, num_classes, anchor_sizes, taps, box_loss),
         set_partition=taps.set_partition,
     )
 
@@ -692,9 +717,10 @@ def yolov1_unit_model(depth: int, num_classes: int, image_size: int, grid_size: 
 
 def _retinanet(depth: int) -> Callable[..., UnitModel]:
     def build(num_classes: int = 20, in_channels: int = 3, image_size: int = 512,
-              anchor_sizes: Sequence[float] | None = None) -> UnitModel:
+              anchor_sizes: Sequence[float] | None = None, fpn_channels: int = FPN_CHANNELS,
+              box_loss: str = "l1") -> UnitModel:
         _check_rgb(in_channels)
-        return retinanet_unit_model(depth, num_classes, image_size, anchor_sizes)
+        return retinanet_unit_model(depth, num_classes, image_size, anchor_sizes, fpn_channels, box_loss)
 
     build.__doc__ = f"RetinaNet on ResNet-{depth} + FPN (P3-P7), torchvision's parts, from scratch."
     return build

@@ -27,6 +27,12 @@ def anchor_sizes_rule(value: Any) -> str | None:
     return None if ok else "null or a list of 5 positive anchor sizes (P3..P7)"
 
 
+def fpn_channels_rule(value: Any) -> str | None:
+    """``det.fpn_channels``: a positive multiple of 32 (the head's GroupNorm has 32 groups)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % 32 == 0
+    return None if ok else "a positive multiple of 32"
+
+
 class DetectionPlugin(TaskPlugin):
     """Object detection: RetinaNet and YOLOv1 on ResNets, trained from scratch; COCO mAP.
 
@@ -37,6 +43,9 @@ class DetectionPlugin(TaskPlugin):
     - ``anchor_sizes``: RetinaNet's base anchor size on P3..P7, or null for
       :func:`~fba.tasks.detection.models.default_anchor_sizes` of the image size
       (32..512 from 512 px up, scaled down below: 8..128 at 128 px);
+    - ``fpn_channels``: width of RetinaNet's FPN and head (torchvision's 256; a multiple of 32);
+    - ``box_loss``: RetinaNet's box regression loss, ``l1`` (torchvision's v1) or ``giou``
+      (its v2 recipe), also ``smooth_l1``, ``diou``, ``ciou``; the local heads use the same;
     - ``yolo_grid``: YOLOv1's S, or null for one cell per C5 pixel (image size / 32);
     - ``local_channels``: width of the local FPN and head of FBA's SLMs and DGL's FPN aux
       (null: 64 divided by ``fba.reduction``, at least 16);
@@ -52,9 +61,10 @@ class DetectionPlugin(TaskPlugin):
     name = "detection"
     description = "object detection: RetinaNet and YOLOv1 on ResNets from scratch, COCO mAP"
     config_section = "det"
-    config_defaults = {"anchor_sizes": None, "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+    config_defaults = {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
                        "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
-    config_rules = {"anchor_sizes": anchor_sizes_rule, "yolo_grid": optional_positive_int,
+    config_rules = {"anchor_sizes": anchor_sizes_rule, "fpn_channels": fpn_channels_rule,
+                    "box_loss": ("l1", "smooth_l1", "giou", "diou", "ciou"), "yolo_grid": optional_positive_int,
                     "local_channels": optional_positive_int, "local_head_convs": (1, 2, 3, 4), "local_coarser": boolean,
                     "local_min_stride": (None, 8, 16, 32), "draw_score": unit_interval}
     # ``task=detection`` alone: RetinaNet-R18 on the built-in shapes at 128 px, K=4 by stage,
@@ -72,6 +82,10 @@ class DetectionPlugin(TaskPlugin):
         "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
                   "schedule": "cosine", "warmup_epochs": 0.25, "step": "per_module"},
         "train": {"epochs": 5},
+        # Module 0 (the stem and layer1, stride 4) sets local learning's peak: checkpointing it
+        # alone moves the peak to the last module's (RetinaNet-R34 K=4: 0.587 -> 0.545 of BP)
+        # for one recomputed forward of that module (docs/detection.md, Memory).
+        "checkpoint": [0],
         # The detection bank is the finer-scale maps of earlier modules in the same step,
         # fused into each SLM's local FPN (paper, Instantiation in Object Detection).
         "fba": {"bank": {"source": "inpass", "usage": "input"}},
@@ -104,7 +118,8 @@ class DetectionPlugin(TaskPlugin):
         that take them (anchors to RetinaNet, the grid to YOLOv1)."""
         builder = self.model_registry().get(config["model"])
         accepted = inspect.signature(builder).parameters
-        options = {"anchor_sizes": config["det"]["anchor_sizes"], "grid_size": config["det"]["yolo_grid"]}
+        options = {"anchor_sizes": config["det"]["anchor_sizes"], "fpn_channels": config["det"]["fpn_channels"],
+                   "box_loss": config["det"]["box_loss"], "grid_size": config["det"]["yolo_grid"]}
         options = {key: value for key, value in options.items() if key in accepted}
         model = builder(num_classes=num_classes, in_channels=in_channels, image_size=config["data"]["image_size"],
                         **options)
@@ -156,13 +171,15 @@ class DetectionPlugin(TaskPlugin):
 
     def export_metadata(self, config: Mapping[str, Any], info: Any) -> dict[str, str]:
         """What rebuilds the network: classes and image size, and RetinaNet's anchor sizes
-        (``torchvision_retinanet(depth, num_classes, image_size, anchor_sizes)``) or YOLO's grid."""
+        and FPN width (``torchvision_retinanet(depth, num_classes, image_size, anchor_sizes,
+        fpn_channels)``) or YOLO's grid."""
         from fba.tasks.detection.models import default_anchor_sizes, default_grid_size
 
         size = config["data"]["image_size"]
         meta = {"num_classes": str(info.num_classes), "image_size": str(size)}
         if config["model"].startswith("retinanet"):
             meta["anchor_sizes"] = json.dumps(list(config["det"]["anchor_sizes"] or default_anchor_sizes(size)))
+            meta["fpn_channels"] = str(config["det"]["fpn_channels"])
         elif config["model"].startswith("yolov1"):
             meta["grid_size"] = str(config["det"]["yolo_grid"] or default_grid_size(size))
         return meta
