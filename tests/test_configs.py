@@ -54,6 +54,8 @@ def test_every_table_2_row_has_a_config(model, method):
     depth = int(model.rsplit("r", 1)[1])
     assert (cfg["task"], cfg["data"]["name"], cfg["model"]) == ("detection", "voc", model.replace("_r", "_resnet"))
     assert cfg["method"] == method and (method == "bp" or cfg["K"] == K_BY_BLOCK[depth])
+    assert cfg["optim"]["name"] == "sgd"  # the paper's recipe, not the built-in run's
+    assert not model.startswith("retinanet") or cfg["det"]["fpn_channels"] == 256
 
 
 @pytest.mark.parametrize("name", [*(f"{m}_{a}_r{d}" for m in ("bp", "fba") for a in ("retinanet", "yolov1")
@@ -63,6 +65,7 @@ def test_every_table_3_and_4_row_has_a_config(name):
     cfg = resolve_config(Path(__file__).parent.parent / "configs" / "coco" / f"{name}.yaml")
     assert (cfg["task"], cfg["data"]["name"]) == ("detection", "coco")
     assert cfg["method"] == "bp" or (cfg["K"], cfg["partition"]) == (4, "stage")
+    assert cfg["optim"]["name"] == "sgd" and ("retinanet" not in cfg["model"] or cfg["det"]["fpn_channels"] == 256)
     if name.startswith("ablation"):
         assert cfg["model"] == "retinanet_resnet34"
         assert cfg["fba"]["share_head"] == name.endswith("shared_head")

@@ -314,7 +314,7 @@ def test_plugin_config_batch_and_metadata():
     cfg = resolve_config(None, ["task=detection"])
     assert (cfg["model"], cfg["K"], cfg["data"]["name"], cfg["data"]["image_size"]) == (
         "retinanet_resnet18", 4, "shapes-det", 128)
-    assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+    assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 128, "box_loss": "l1", "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
                           "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
     assert cfg["checkpoint"] == [0]  # module 0 sets the peak (docs/detection.md, Memory)
@@ -334,7 +334,7 @@ def test_plugin_config_batch_and_metadata():
         num_classes = 3
 
     assert plugin.export_metadata(cfg, Info()) == {"num_classes": "3", "image_size": "128",
-                                                   "anchor_sizes": "[8, 16, 32, 64, 128]", "fpn_channels": "256"}
+                                                   "anchor_sizes": "[8, 16, 32, 64, 128]", "fpn_channels": "128"}
     yolo = resolve_config(None, ["task=detection", "model=yolov1_resnet34", "det.yolo_grid=5"])
     assert plugin.export_metadata(yolo, Info())["grid_size"] == "5"
     assert plugin.build_model(yolo, 3, 3).plain.head.grid_size == 5
