@@ -128,7 +128,8 @@ def test_export_after_local_training_loads_strictly_into_torchvision(method):
     net.plain.head.classification_head.cls_logits.bias.data.zero_()  # scores above 0.05: detections to compare
     exported = net.export()
     assert isinstance(exported, RetinaNet) and not exported.training
-    reference = torchvision_retinanet(18, num_classes=3, image_size=SIZE, fpn_channels=net.config["det"]["fpn_channels"])
+    reference = torchvision_retinanet(18, num_classes=3, image_size=SIZE,
+                                      fpn_channels=net.config["det"]["fpn_channels"])
     reference.load_state_dict(exported.state_dict(), strict=True)
     reference.eval()
     net.eval()

@@ -136,7 +136,8 @@ def torchvision_retinanet(depth: int, num_classes: int, image_size: int,
     (the head's GroupNorm groups).
     """
     if fpn_channels <= 0 or fpn_channels % 32:
-        raise ValueError(f"fpn_channels must be a positive multiple of 32 (GroupNorm(32) in the head), got {fpn_channels}")
+        raise ValueError(f"fpn_channels must be a positive multiple of 32 (GroupNorm(32) in the head), "
+                         f"got {fpn_channels}")
     c5 = c5_channels(depth)
     # Built in resnet_fpn_backbone's order (P6P7, ResNet, FPN), so a seed gives its weights.
     extra_blocks = LastLevelP6P7(c5, fpn_channels)

@@ -61,7 +61,8 @@ class DetectionPlugin(TaskPlugin):
     name = "detection"
     description = "object detection: RetinaNet and YOLOv1 on ResNets from scratch, COCO mAP"
     config_section = "det"
-    config_defaults = {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None, "local_channels": None, "local_head_convs": 1,
+    config_defaults = {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None,
+                       "local_channels": None, "local_head_convs": 1,
                        "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
     config_rules = {"anchor_sizes": anchor_sizes_rule, "fpn_channels": fpn_channels_rule,
                     "box_loss": ("l1", "smooth_l1", "giou", "diou", "ciou"), "yolo_grid": optional_positive_int,
@@ -75,8 +76,8 @@ class DetectionPlugin(TaskPlugin):
         "model": "retinanet_resnet18",
         "K": 4,
         "data": {"name": "shapes-det", "batch_size": 8, "eval_batch_size": 16, "image_size": 128, "augment": True},
-        # A 128-wide FPN and head: the 256-wide head is 60% of a step at 128 px, so the same
-        # 20 minutes hold 8 epochs instead of 5 (mAP@0.5 0.190 -> 0.284 at epoch 7 with SGD).
+        # A 128-wide FPN and head: the 256-wide head is 60% of a BP step at 128 px, so about the same
+        # 20 minutes hold 8 epochs instead of 5 (mAP@0.5 0.190 -> 0.282 with SGD).
         "det": {"fpn_channels": 128},
         # AdamW at 1e-3 (weight decay 0.05), warm-up and cosine: from scratch at this budget it
         # beat the paper's SGD at 0.01 (5 epochs, 256 wide: mAP@0.5 0.232 against 0.190/0.191).
