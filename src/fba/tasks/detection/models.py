@@ -138,18 +138,18 @@ def torchvision_retinanet(depth: int, num_classes: int, image_size: int,
     if fpn_channels <= 0 or fpn_channels % 32:
         raise ValueError(f"fpn_channels must be a positive multiple of 32 (GroupNorm(32) in the head), "
                          f"got {fpn_channels}")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     c5 = c5_channels(depth)
     # Built in resnet_fpn_backbone's order (P6P7, ResNet, FPN), so a seed gives its weights.
     extra_blocks = LastLevelP6P7(c5, fpn_channels)
     body = getattr(tv_resnet, f"resnet{depth}")(weights=None, norm_layer=nn.BatchNorm2d)
     backbone = BackboneWithFPN(body, {f"layer{layer}": str(i) for i, layer in enumerate(FPN_LAYERS)},
-                               [c5 // 2 ** (len(FPN_LAYERS) - 1 - i) for i in range(len(FPN_LAYERS))], fpn_channels,
+                               [c5 // 2 ** (FPN_LAYERS[-1] - layer) for layer in FPN_LAYERS], fpn_channels,
                                extra_blocks=extra_blocks)
     anchors = anchor_generator(anchor_sizes or default_anchor_sizes(image_size))
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
-    if box_loss not in BOX_LOSSES:
-        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     head.regression_head._loss_type = box_loss
     return RetinaNet(backbone, num_classes, min_size=image_size, max_size=image_size, image_mean=list(IMAGENET_MEAN),
                      image_std=list(IMAGENET_STD), anchor_generator=anchors, head=head)
