@@ -1,5 +1,6 @@
 """FBA's detection SLMs and bank, and DGL's FPN aux: the DESIGN section 1 invariants for detection."""
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from fba.config import resolve_config
 from fba.errors import FBAError
 from fba.tasks import get_task
 from fba.tasks.detection.local import (
-    DetectionSLM, FPNAux, LocalFPN, MultiScaleMapBank, YOLOSLM, finer_sources, local_settings,
+    DetectionSLM, FPNAux, LocalFPN, MultiScaleMapBank, YOLOSLM, coarser_sources, finer_sources, local_settings,
 )
 from fba.tasks.detection.models import torchvision_retinanet
 
@@ -45,7 +46,8 @@ def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
     aux = net.aux_nets[2]
     assert len(aux.head.net.head.classification_head.conv) == 1
     assert aux.head.net.anchor_generator.sizes == net.plain.anchor_generator.sizes
-    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "min_stride": None}
+    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "min_stride": None,
+                                         "lookahead_fusion": "replace"}
     slm = sum(p.numel() for p in aux.parameters())
     assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
 
@@ -57,6 +59,66 @@ def test_finer_sources_are_the_latest_earlier_module_of_each_finer_pyramid_scale
     assert finer_sources([4, 8, 16, 32], 4) == [[], [], [1]]
 
 
+def test_coarser_sources_are_the_main_fpn_maps_above_each_modules_own_level():
+    # ResNet-18 by block: C4 and C5 are modules 6 and 8; a stride-4 module's own level is P3
+    strides = [4, 4, 4, 8, 8, 16, 16, 32, 32]
+    assert coarser_sources(strides, 9) == [[6, 8]] * 5 + [[8]] * 2 + [[]]
+    assert coarser_sources([4, 8, 16, 32], 4) == [[2, 3], [2, 3], [3]]  # the stem's map joins P3
+    assert coarser_sources([4, 8, 16, 32], 4, min_stride=16) == [[3], [3], [3]]
+
+
+def test_lookahead_bank_feeds_this_batchs_coarser_maps_detached_and_keeps_nothing():
+    net = learner(**{"fba.bank.source": "lookahead"})
+    assert net.bank.needs_lookahead and net.bank.ahead == [[2, 3], [2, 3], [3]]
+    assert [aux.fpn.strides for aux in net.aux_nets] == [[8, 16, 32, 64, 128]] * 3
+    assert [len(aux.fpn.ahead_laterals) for aux in net.aux_nets] == [2, 2, 1]
+    images, targets = batch()
+    with torch.no_grad():  # what the plain model's modules give on this batch, before any update
+        h, expected = images, []
+        for module in copy.deepcopy(net.local_modules):  # a copy: train mode updates BatchNorm statistics
+            h = module(h)
+            expected.append(h)
+    running = net.plain.backbone.body.bn1.running_mean.clone()
+    read, seen = net.bank.read, {}
+
+    def spy(k, device):
+        maps, valid = read(k, device)
+        seen[k] = maps
+        return maps, valid
+
+    net.bank.read = spy
+    net.train_step(images, targets)
+    # SLM 1 reads C4 and C5 of this batch; SLM 2 reads C3 in-pass and C5 from the lookahead.
+    for got, want in zip(seen[1], [expected[2], expected[3]]):
+        torch.testing.assert_close(got, want)
+    assert [tuple(m.shape[1:]) for m in seen[2]] == [(128, 8, 8), (512, 2, 2)]
+    assert all(not m.requires_grad for maps in seen.values() for m in maps)
+    assert net.bank.tensors() == []
+    # The lookahead forward leaves BatchNorm's running statistics to the local pass: one update.
+    twin = learner()
+    twin.train_step(images, targets)
+    torch.testing.assert_close(net.plain.backbone.body.bn1.running_mean, twin.plain.backbone.body.bn1.running_mean)
+    assert not torch.equal(running, net.plain.backbone.body.bn1.running_mean)
+
+
+@pytest.mark.parametrize("fusion", ["replace", "add"])
+def test_local_fpn_with_lookahead_maps(fusion):
+    fpn = LocalFPN(64, 8, 16, ahead_channels=[128, 256], ahead_strides=[16, 32], ahead_fusion=fusion)
+    own = torch.randn(1, 64, 8, 8, requires_grad=True)
+    levels = fpn(own, [torch.randn(1, 128, 4, 4), torch.randn(1, 256, 2, 2)])
+    assert fpn.strides == [8, 16, 32, 64, 128]
+    assert [tuple(level.shape[-2:]) for level in levels] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    # "replace": the module's map reaches only its own level (the top-down pathway runs downwards);
+    # "add": it reaches every level.
+    reached = [torch.autograd.grad(level.sum(), own, retain_graph=True, allow_unused=True)[0] is not None
+               for level in levels[:3]]
+    assert reached == ([True, False, False] if fusion == "replace" else [True, True, True])
+    with pytest.raises(ValueError, match="strides"):
+        LocalFPN(64, 8, 16, ahead_channels=[256], ahead_strides=[32])
+    with pytest.raises(ValueError, match="lookahead_fusion"):
+        LocalFPN(64, 8, 16, ahead_channels=[128], ahead_strides=[16], ahead_fusion="concat")
+
+
 def test_settings_come_from_the_det_section():
     net = learner(**{"det.local_channels": 32, "det.local_head_convs": 2, "det.local_coarser": False})
     assert net.aux_nets[1].fpn.strides == [8] and net.aux_nets[2].fpn.strides == [8, 16]
@@ -64,7 +126,7 @@ def test_settings_come_from_the_det_section():
     assert net.aux_nets[0].fpn.output_convs[0].out_channels == 32
     images, targets = batch()
     assert math.isfinite(net.train_step(images, targets)["loss"])
-    with pytest.raises(FBAError, match="fba.bank.source=inpass"):
+    with pytest.raises(FBAError, match="fba.bank.source=inpass, lookahead or none"):
         learner(**{"fba.bank.source": "longterm"})
 
 
@@ -86,10 +148,12 @@ def test_dgl_builds_fpn_aux_nets_without_a_bank():
 
 # ---- the invariants -------------------------------------------------------------------------------
 @pytest.mark.parametrize("step", ["global", "per_module"])
-@pytest.mark.parametrize("method, j", [("fba", 1), ("fba", 2), ("dgl", 1)])
-def test_perturbing_aux_j_changes_only_module_j(method, j, step):
+@pytest.mark.parametrize("method, j, source", [("fba", 1, "inpass"), ("fba", 2, "inpass"), ("dgl", 1, None),
+                                               ("fba", 1, "lookahead")])
+def test_perturbing_aux_j_changes_only_module_j(method, j, step, source):
     images, targets = batch()
-    assert_perturbing_aux_changes_only_its_module(lambda: learner(method=method, **{"optim.step": step}),
+    options = {"optim.step": step, **({"fba.bank.source": source} if source else {})}
+    assert_perturbing_aux_changes_only_its_module(lambda: learner(method=method, **options),
                                                   (images, targets, torch.arange(2)), j=j, scale=0.1)
 
 
@@ -101,7 +165,9 @@ def test_yolo_smoke_isolation_and_training():
     assert all(isinstance(aux, YOLOSLM) for aux in net.aux_nets)
     assert [len(aux.projections) for aux in net.aux_nets] == [0, 0, 1]
     dgl = learner("yolov1_resnet18", method="dgl")
-    for each in (net, dgl):
+    ahead = learner("yolov1_resnet18", **{"fba.bank.source": "lookahead"})
+    assert [len(aux.projections) for aux in ahead.aux_nets] == [2, 2, 2]  # C4, C5; C4, C5; C3 and C5
+    for each in (net, dgl, ahead):
         out = each.train_step(images, targets)
         assert all(math.isfinite(v) for v in out.values())
 

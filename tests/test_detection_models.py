@@ -316,13 +316,16 @@ def test_plugin_config_batch_and_metadata():
         "retinanet_resnet18", 4, "shapes-det", 128)
     assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 128, "box_loss": "l1", "yolo_grid": None,
                           "local_channels": None, "local_head_convs": 1,
-                          "local_coarser": True, "local_min_stride": None, "draw_score": 0.3}
+                          "local_coarser": True, "local_min_stride": None, "lookahead_fusion": "replace",
+                          "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
     assert cfg["checkpoint"] == [0]  # module 0 sets the peak (docs/detection.md, Memory)
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
     with pytest.raises(fba.errors.ConfigError, match="det.fpn_channels.*multiple of 32"):
         resolve_config(None, ["task=detection", "det.fpn_channels=100"])
+    with pytest.raises(fba.errors.ConfigError, match="det.lookahead_fusion"):
+        resolve_config(None, ["task=detection", "det.lookahead_fusion=concat"])
     assert plugin.build_task(cfg).name == "detection" and plugin.primary_metric == "map50"
     images, targets = batch(5, size=96)
     assert images.shape == (5, 3, 96, 96) and 0 <= images.min() and images.max() <= 1

@@ -49,19 +49,24 @@ if TYPE_CHECKING:
 #: strides of the pyramid levels P3..P7 (the main RetinaNet's)
 PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 #: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
-DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True, "local_min_stride": None}
+DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True, "local_min_stride": None,
+                 "lookahead_fusion": "replace"}
+#: how a local FPN uses a coarser lookahead map (``det.lookahead_fusion``), see :class:`LocalFPN`
+LOOKAHEAD_FUSIONS = ("replace", "add")
 
 
 def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
     """The auxiliary networks' settings: ``channels`` (local FPN and head width: the
     ``det.local_channels`` value, or 64 divided by ``reduction``, at least 16),
-    ``head_convs`` (3x3 convs per head branch, 1..4), ``coarser`` (make P6/P7-like levels)
-    and ``min_stride`` (None, or the stride an SLM brings a finer module's map to first)."""
+    ``head_convs`` (3x3 convs per head branch, 1..4), ``coarser`` (make P6/P7-like levels),
+    ``min_stride`` (None, or the stride an SLM brings a finer module's map to first) and
+    ``lookahead_fusion`` (how coarser lookahead maps enter the local FPN)."""
     given = {**DEFAULT_LOCAL, **getattr(model, "local_settings", {})}
     channels = given["local_channels"] or max(16, 64 // reduction)
     min_stride = given["local_min_stride"]
     return {"channels": int(channels), "head_convs": int(given["local_head_convs"]),
-            "coarser": bool(given["local_coarser"]), "min_stride": int(min_stride) if min_stride else None}
+            "coarser": bool(given["local_coarser"]), "min_stride": int(min_stride) if min_stride else None,
+            "lookahead_fusion": str(given["lookahead_fusion"])}
 
 
 def stride_reduction(channels: int, stride: int, min_stride: int | None) -> tuple[nn.Module, int]:
@@ -100,60 +105,103 @@ def finer_sources(strides: Sequence[int], K: int) -> list[list[int]]:
     return out
 
 
-class MultiScaleMapBank(StepOnlyBank):
-    """The in-pass bank of detection: earlier modules' whole output maps, detached, this step only.
+def coarser_sources(strides: Sequence[int], K: int, min_stride: int | None = None) -> list[list[int]]:
+    """For each module k < K-1, the later modules whose lookahead maps its SLM reads, fine to
+    coarse: for every backbone pyramid stride (8, 16, 32: C3, C4, C5) above module k's own
+    level, the last module whose output has that stride, i.e. the map the main FPN reads at
+    that scale. The own level is the module's stride, at least 8 (P3) and at least
+    ``min_stride`` (``det.local_min_stride``)."""
+    last: dict[int, int] = {}
+    for j, stride in enumerate(strides):
+        if stride in PYRAMID_STRIDES[:3]:
+            last[stride] = j
+    floor = max(PYRAMID_STRIDES[0], min_stride or 0)
+    return [[last[s] for s in sorted(last) if s > max(strides[k], floor)] for k in range(K - 1)]
 
-    Module j's map is stored (``h.detach()``, a reference: no copy, no compute) only if a later
-    SLM reads it, and dropped right after the last such SLM has read it, so at most one map
-    per pyramid scale is held at a time. Implements the engine's bank interface.
+
+class MultiScaleMapBank(StepOnlyBank):
+    """The bank of detection: whole output maps of other modules, detached, this step only.
+
+    - **In-pass, finer scales** (``sources``): module j's map from this step's local pass is
+      stored (``h.detach()``, a reference: no copy, no compute) only if a later SLM reads it.
+    - **Lookahead, coarser scales** (``ahead``): the engine's no-grad forward of the whole
+      backbone at the start of the step (``needs_lookahead``) gives every module's map for
+      this batch before any module learns from it; the maps of the modules listed are kept.
+
+    Each map is dropped right after the last SLM that reads it, so at most one map per pyramid
+    scale and source is held at a time. Implements the engine's bank interface.
 
     Args:
-        sources: for each module k < K-1, the modules whose maps SLM k reads
+        sources: for each module k < K-1, the earlier modules whose in-pass maps SLM k reads
             (:func:`finer_sources`).
+        ahead: for each module k < K-1, the later modules whose lookahead maps SLM k reads
+            (:func:`coarser_sources`); None for none.
     """
 
-    def __init__(self, sources: Sequence[Sequence[int]]) -> None:
+    def __init__(self, sources: Sequence[Sequence[int]], ahead: Sequence[Sequence[int]] | None = None) -> None:
         self.sources = [list(s) for s in sources]
+        self.ahead = [list(s) for s in ahead] if ahead is not None else [[] for _ in self.sources]
+        if len(self.ahead) != len(self.sources):
+            raise ValueError("one list of lookahead sources per SLM")
         self.last_reader = {j: k for k, js in enumerate(self.sources) for j in js}
+        self.last_ahead_reader = {j: k for k, js in enumerate(self.ahead) for j in js}
+        self.source = "lookahead" if self.last_ahead_reader else "inpass"
         self._maps: dict[int, Tensor] = {}
+        self._ahead: dict[int, Tensor] = {}
+
+    @property
+    def needs_lookahead(self) -> bool:
+        return bool(self.last_ahead_reader)
 
     def begin_step(self, indices: Tensor | None) -> None:
         self._maps.clear()
+        self._ahead.clear()
 
     def write(self, k: int, h: Tensor) -> None:
         if k in self.last_reader:
             self._maps[k] = h.detach()
 
+    def write_lookahead(self, k: int, h: Tensor) -> None:
+        if k in self.last_ahead_reader:
+            self._ahead[k] = h.detach()
+
     def read(self, k: int, device: Any) -> tuple[list[Tensor] | None, None]:
-        """Module k's finer maps ``[(N, C_j, H_j, W_j), ...]``, fine to coarse (None if none)."""
-        if k >= len(self.sources) or not self.sources[k]:
+        """Module k's bank maps ``[(N, C_j, H_j, W_j), ...]`` fine to coarse: the in-pass finer
+        ones, then the lookahead coarser ones (None if none)."""
+        if k >= len(self.sources) or not (self.sources[k] or self.ahead[k]):
             return None, None
         missing = [j for j in self.sources[k] if j not in self._maps]
-        if missing:
-            raise RuntimeError(f"the detection bank has no map of modules {missing} for module {k} in this step")
-        maps = [self._maps[j].to(device) for j in self.sources[k]]
+        missing_ahead = [j for j in self.ahead[k] if j not in self._ahead]
+        if missing or missing_ahead:
+            raise RuntimeError(f"the detection bank has no map of modules {missing + missing_ahead} for module {k} "
+                               "in this step")
+        maps = [self._maps[j].to(device) for j in self.sources[k]] + [self._ahead[j].to(device) for j in self.ahead[k]]
         for j in self.sources[k]:
             if self.last_reader[j] == k:
                 del self._maps[j]
+        for j in self.ahead[k]:
+            if self.last_ahead_reader[j] == k:
+                del self._ahead[j]
         return maps, None
 
     def end_step(self) -> None:
         self._maps.clear()
+        self._ahead.clear()
 
     def step_features(self) -> dict[int, Tensor]:
-        """The maps still held (for a pipeline's next stage)."""
+        """The in-pass maps still held (for a pipeline's next stage)."""
         return dict(self._maps)
 
     def load_step_features(self, features: dict[int, Tensor]) -> None:
         self._maps.update({j: t.detach() for j, t in features.items()})
 
     def tensors(self) -> list[Tensor]:
-        return list(self._maps.values())
+        return [*self._maps.values(), *self._ahead.values()]
 
 
 # --------------------------------------------------------------------------- the local FPN
 class LocalFPN(nn.Module):
-    """A narrow FPN on one module's map: ``forward(own, finer=()) -> [levels]``, fine to coarse.
+    """A narrow FPN on one module's map: ``forward(own, bank=()) -> [levels]``, fine to coarse.
 
     Levels and their strides (``self.strides``):
 
@@ -162,15 +210,24 @@ class LocalFPN(nn.Module):
       upsampling and a 3x3 conv each (DGL);
     - the module's own level at ``max(own_stride, 8)`` (a map finer than P3, the stem's or
       layer1's, is brought to stride 8 by stride-2 3x3 convs);
-    - with ``coarser``, levels up to stride 128 by stride-2 3x3 convs from the own level's
-      output, ReLU between them (torchvision's ``LastLevelP6P7``).
+    - coarser levels from ``ahead_channels`` lookahead bank maps (FBA with
+      ``fba.bank.source=lookahead``: C4, C5 of this batch, as the main FPN reads them), each
+      through a 1x1 lateral. ``ahead_fusion="replace"``: that lateral is the level, as in the
+      main FPN, so the module's map reaches only its own and finer levels. ``"add"``: each
+      such level also gets a stride-2 3x3 conv of the level below, so the module's map
+      reaches every level and the lookahead map adds its context;
+    - with ``coarser``, the levels above those, up to stride 128, by stride-2 3x3 convs from
+      the coarsest output level, ReLU between them (torchvision's ``LastLevelP6P7``).
 
     Laterals are merged top-down (nearest upsampling + add) and each gets a 3x3 output conv.
-    No normalisation (torchvision's FPN has none).
+    No normalisation (torchvision's FPN has none). ``forward``'s ``bank`` is the bank's maps,
+    fine to coarse: the finer ones, then the lookahead ones.
     """
 
     def __init__(self, own_channels: int, own_stride: int, channels: int, finer_channels: Sequence[int] = (),
-                 finer_strides: Sequence[int] = (), make_finer: bool = False, coarser: bool = True) -> None:
+                 finer_strides: Sequence[int] = (), make_finer: bool = False, coarser: bool = True,
+                 ahead_channels: Sequence[int] = (), ahead_strides: Sequence[int] = (),
+                 ahead_fusion: str = "replace") -> None:
         super().__init__()
         top = max(own_stride, PYRAMID_STRIDES[0])
         down = int(round(math.log2(top / own_stride)))
@@ -197,28 +254,52 @@ class LocalFPN(nn.Module):
                 raise ValueError("one stride per finer map")
             self.upsamplers = nn.ModuleList()
             self.finer_laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in finer_channels)
+        if len(ahead_channels) != len(ahead_strides):
+            raise ValueError("one stride per lookahead map")
+        if make_finer and ahead_channels:
+            raise ValueError("the local FPN makes its finer levels only without lookahead maps")
+        if ahead_fusion not in LOOKAHEAD_FUSIONS:
+            raise ValueError(f"det.lookahead_fusion must be one of {LOOKAHEAD_FUSIONS}, got {ahead_fusion!r}")
+        expected = [top * 2 ** (i + 1) for i in range(len(ahead_strides))]
+        if list(ahead_strides) != expected:
+            raise ValueError(f"lookahead maps must have the strides {expected} above the own level, "
+                             f"got {list(ahead_strides)}")
+        self.ahead_laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in ahead_channels)
+        self.ahead_downs = nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+                                         for _ in ahead_channels) if ahead_fusion == "add" else nn.ModuleList()
         self.output_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1)
-                                          for _ in range(len(finer_strides) + 1))
-        coarse_strides = [s for s in PYRAMID_STRIDES if s > top] if coarser else []
+                                          for _ in range(len(finer_strides) + 1 + len(ahead_strides)))
+        highest = max([top, *ahead_strides])
+        coarse_strides = [s for s in PYRAMID_STRIDES if s > highest] if coarser else []
         self.coarse_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, stride=2, padding=1)
                                           for _ in coarse_strides)
-        self.strides = [*finer_strides, top, *coarse_strides]
+        self.strides = [*finer_strides, top, *ahead_strides, *coarse_strides]
         for m in self.modules():  # torchvision's FPN init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, own: Tensor, finer: Sequence[Tensor] = ()) -> list[Tensor]:
+    def forward(self, own: Tensor, bank: Sequence[Tensor] = ()) -> list[Tensor]:
         top = self.own_lateral(own)
+        wanted = len(self.finer_laterals) + len(self.ahead_laterals)
+        if len(bank) != wanted:
+            raise ValueError(f"the local FPN was built for {wanted} bank maps, got {len(bank)}")
+        finer, ahead = bank[:len(self.finer_laterals)], bank[len(self.finer_laterals):]
         if self.make_finer:
             laterals, x = [top], top
             for conv in self.upsamplers:
                 x = F.relu(conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
                 laterals.insert(0, x)
         else:
-            if len(finer) != len(self.finer_laterals):
-                raise ValueError(f"the local FPN was built for {len(self.finer_laterals)} finer maps, got {len(finer)}")
             laterals = [lateral(f) for lateral, f in zip(self.finer_laterals, finer)] + [top]
+        x = top
+        for i, (lateral, f) in enumerate(zip(self.ahead_laterals, ahead)):
+            level = lateral(f)
+            if self.ahead_downs:
+                x = self.ahead_downs[i](F.relu(x) if i else x)
+                level = level + x
+            laterals.append(level)
+        if not self.make_finer:
             for i in range(len(laterals) - 2, -1, -1):
                 laterals[i] = laterals[i] + F.interpolate(laterals[i + 1], size=laterals[i].shape[-2:], mode="nearest")
         levels = [conv(x) for conv, x in zip(self.output_convs, laterals)]
@@ -270,10 +351,10 @@ def _is_retinanet(model: "UnitModel") -> bool:
 
 # --------------------------------------------------------------------------- FBA's SLMs
 class DetectionSLM(nn.Module):
-    """FBA's SLM for RetinaNet: ``forward(h, finer=None) -> (head output, None)``.
+    """FBA's SLM for RetinaNet: ``forward(h, bank=None) -> (head output, None)``.
 
-    ``head([adapter(l) for l in fpn(block(reduce(h)), finer)])``: a fresh stage-tail block
-    (narrowed by ``fba.reduction``), the local FPN fed by the bank's finer maps, a RetinaNet
+    ``head([adapter(l) for l in fpn(block(reduce(h)), bank)])``: a fresh stage-tail block
+    (narrowed by ``fba.reduction``), the local FPN fed by the bank's maps, a RetinaNet
     head; ``adapter`` (1x1, shared across levels) widens the levels to a shared main head's
     width; ``reduce`` (:func:`stride_reduction`, default the identity) coarsens a fine map first.
     """
@@ -287,32 +368,37 @@ class DetectionSLM(nn.Module):
         self.adapter = adapter
         self.head = head
 
-    def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
-        levels = self.fpn(self.block(self.reduce(h)), finer or ())
+    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+        levels = self.fpn(self.block(self.reduce(h)), bank or ())
         if self.adapter is not None:
             levels = [self.adapter(level) for level in levels]
         return self.head(levels), None
 
 
 class YOLOSLM(nn.Module):
-    """FBA's SLM for YOLOv1 (one scale): ``forward(h, finer=None) -> (head output, None)``.
+    """FBA's SLM for YOLOv1 (one scale): ``forward(h, bank=None) -> (head output, None)``.
 
-    ``head(adapter(block(reduce(h)) + sum_j proj_j(avgpool(finer_j to the module's grid))))``.
+    ``head(adapter(block(reduce(h)) + sum_j proj_j(resize(bank_j to the block's map))))``: a finer
+    bank map is average-pooled to the block's map, a coarser (lookahead) one upsampled (nearest).
     """
 
-    def __init__(self, block: nn.Module, head: nn.Module, finer_channels: Sequence[int], channels: int,
+    def __init__(self, block: nn.Module, head: nn.Module, bank_channels: Sequence[int], channels: int,
                  adapter: nn.Module | None = None, reduce: nn.Module | None = None) -> None:
         super().__init__()
         self.reduce = reduce or nn.Identity()
         self.block = block
-        self.projections = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in finer_channels)
+        self.projections = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in bank_channels)
         self.adapter = adapter
         self.head = head
 
-    def forward(self, h: Tensor, finer: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, None]:
         z = self.block(self.reduce(h))
-        for proj, f in zip(self.projections, finer or ()):
-            z = z + proj(F.adaptive_avg_pool2d(f, z.shape[-2:]))
+        for proj, f in zip(self.projections, bank or ()):
+            if f.shape[-1] >= z.shape[-1]:
+                f = F.adaptive_avg_pool2d(f, z.shape[-2:])
+            else:
+                f = F.interpolate(f, size=z.shape[-2:], mode="nearest")
+            z = z + proj(f)
         if self.adapter is not None:
             z = self.adapter(z)
         return self.head(z), None
@@ -337,25 +423,39 @@ def _module_strides(ctx: "BuildContext") -> list[int]:
 
 
 def _check_bank(method: "FBA") -> None:
-    if method.bank_source not in ("none", "inpass") or (method.bank_source == "inpass" and method.bank_usage != "input"):
-        raise ValueError("the detection bank is the finer-scale maps of the current step, fused into the local FPN: "
-                         "use fba.bank.source=inpass (or none) with fba.bank.usage=input")
+    if method.bank_source not in ("none", "inpass", "lookahead") or (method.bank_source != "none"
+                                                                     and method.bank_usage != "input"):
+        raise ValueError("the detection bank is whole maps of the current step fused into the local FPN: use "
+                         "fba.bank.source=inpass, lookahead or none, with fba.bank.usage=input")
+
+
+def bank_sources(method: "FBA", ctx: "BuildContext") -> tuple[list[list[int]], list[list[int]]]:
+    """Per SLM, the modules whose maps it reads: in-pass finer ones (``inpass`` and
+    ``lookahead``) and lookahead coarser ones (``lookahead`` only)."""
+    _check_bank(method)
+    strides, none = _module_strides(ctx), [[] for _ in range(ctx.K - 1)]
+    if method.bank_source == "none":
+        return none, none
+    finer = finer_sources(strides, ctx.K)
+    if method.bank_source == "inpass":
+        return finer, none
+    return finer, coarser_sources(strides, ctx.K, local_settings(ctx.model)["min_stride"])
 
 
 def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
-    """FBA's K-1 SLMs for detection: stage-tail block, local FPN on the bank's finer maps, head.
+    """FBA's K-1 SLMs for detection: stage-tail block, local FPN on the bank's maps, head.
 
-    Module k's SLM maps ``(N, C_k, H_k, W_k)`` and its finer maps from the bank to the head's
-    training output (``DetectionTrainingOutput``) or, in eval, detections.
+    Module k's SLM maps ``(N, C_k, H_k, W_k)`` and its maps from the bank (finer in-pass ones,
+    then coarser lookahead ones) to the head's training output (``DetectionTrainingOutput``)
+    or, in eval, detections.
 
     Raises:
-        ValueError: a bank other than the in-pass maps fused as input.
+        ValueError: a bank other than in-pass or lookahead maps fused as input.
     """
-    _check_bank(method)
     model = ctx.model
     settings = local_settings(model, method.reduction)
     strides = _module_strides(ctx)
-    sources = finer_sources(strides, ctx.K) if method.bank_source == "inpass" else [[] for _ in range(ctx.K - 1)]
+    sources, ahead = bank_sources(method, ctx)
     taps = model.head.taps
     retina = _is_retinanet(model)
     nets: list[nn.Module] = []
@@ -367,10 +467,12 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
         block = model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
         reduce, stride = stride_reduction(spec.out_channels, spec.downsample, settings["min_stride"])
         finer_channels = [ctx.module_channels[j] for j in sources[k]]
+        ahead_channels = [ctx.module_channels[j] for j in ahead[k]]
         if retina:
             width = settings["channels"]
             fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]],
-                           coarser=settings["coarser"] or method.share_head)
+                           coarser=settings["coarser"] or method.share_head, ahead_channels=ahead_channels,
+                           ahead_strides=[strides[j] for j in ahead[k]], ahead_fusion=settings["lookahead_fusion"])
             main = model.plain
             adapter = nn.Conv2d(width, main.backbone.out_channels, 1) if method.share_head else None
             head = LocalRetinaNetHead(main, fpn.strides, width, taps, settings["head_convs"], shared=method.share_head)
@@ -382,15 +484,16 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
                 adapter = nn.Conv2d(channels, c5, 1) if channels != c5 else None
             else:
                 head, adapter = model.make_head(channels), None
-            nets.append(YOLOSLM(block, head, finer_channels, channels, adapter, reduce))
+            nets.append(YOLOSLM(block, head, finer_channels + ahead_channels, channels, adapter, reduce))
     return nets
 
 
 def build_fba_bank(method: "FBA", ctx: "BuildContext") -> MultiScaleMapBank:
-    """FBA's bank for detection: the earlier modules' finer-scale maps of the step (FBA asks only
-    when it has a bank, i.e. ``fba.bank.source`` is not none and K > 1)."""
-    _check_bank(method)
-    return MultiScaleMapBank(finer_sources(_module_strides(ctx), ctx.K))
+    """FBA's bank for detection: the earlier modules' finer-scale maps of the step and, with
+    ``fba.bank.source=lookahead``, the later modules' coarser maps from the lookahead forward
+    (FBA asks only when it has a bank, i.e. ``fba.bank.source`` is not none and K > 1)."""
+    sources, ahead = bank_sources(method, ctx)
+    return MultiScaleMapBank(sources, ahead)
 
 
 def build_dgl_aux(ctx: "BuildContext", k: int) -> nn.Module:
