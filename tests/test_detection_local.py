@@ -47,7 +47,7 @@ def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
     assert len(aux.head.net.head.classification_head.conv) == 1
     assert aux.head.net.anchor_generator.sizes == net.plain.anchor_generator.sizes
     assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "min_stride": None,
-                                         "lookahead_fusion": "replace"}
+                                         "zero_init": False, "lookahead_fusion": "replace"}
     slm = sum(p.numel() for p in aux.parameters())
     assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
 
@@ -117,6 +117,19 @@ def test_local_fpn_with_lookahead_maps(fusion):
         LocalFPN(64, 8, 16, ahead_channels=[256], ahead_strides=[32])
     with pytest.raises(ValueError, match="lookahead_fusion"):
         LocalFPN(64, 8, 16, ahead_channels=[128], ahead_strides=[16], ahead_fusion="concat")
+
+
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "retinanet_resnet50"])
+def test_zero_init_slm_blocks_start_as_their_shortcut(model):
+    net = learner(model, **{"det.local_zero_init": True})
+    images, _ = batch()
+    with torch.no_grad():
+        h = net.local_modules[0](images)  # post-ReLU, so the identity shortcut gives it back unchanged
+        block = net.aux_nets[0].block
+        torch.testing.assert_close(block(h), h)
+    plain = learner(model)
+    with torch.no_grad():
+        assert not torch.allclose(plain.aux_nets[0].block(h), h)
 
 
 def test_settings_come_from_the_det_section():

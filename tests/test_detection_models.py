@@ -316,8 +316,8 @@ def test_plugin_config_batch_and_metadata():
         "retinanet_resnet18", 4, "shapes-det", 128)
     assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 128, "box_loss": "l1", "yolo_grid": None,
                           "local_channels": None, "local_head_convs": 1,
-                          "local_coarser": True, "local_min_stride": None, "lookahead_fusion": "replace",
-                          "draw_score": 0.3}
+                          "local_coarser": True, "local_min_stride": None, "local_zero_init": False,
+                          "lookahead_fusion": "replace", "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "inpass" and cfg["fba"]["bank"]["usage"] == "input"
     assert cfg["checkpoint"] == [0]  # module 0 sets the peak (docs/detection.md, Memory)
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):

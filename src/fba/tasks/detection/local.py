@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 #: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
 DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True, "local_min_stride": None,
-                 "lookahead_fusion": "replace"}
+                 "local_zero_init": False, "lookahead_fusion": "replace"}
 #: how a local FPN uses a coarser lookahead map (``det.lookahead_fusion``), see :class:`LocalFPN`
 LOOKAHEAD_FUSIONS = ("replace", "add")
 
@@ -59,14 +59,15 @@ def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
     """The auxiliary networks' settings: ``channels`` (local FPN and head width: the
     ``det.local_channels`` value, or 64 divided by ``reduction``, at least 16),
     ``head_convs`` (3x3 convs per head branch, 1..4), ``coarser`` (make P6/P7-like levels),
-    ``min_stride`` (None, or the stride an SLM brings a finer module's map to first) and
-    ``lookahead_fusion`` (how coarser lookahead maps enter the local FPN)."""
+    ``min_stride`` (None, or the stride an SLM brings a finer module's map to first),
+    ``zero_init`` (an SLM's block starts as its shortcut) and ``lookahead_fusion`` (how
+    coarser lookahead maps enter the local FPN)."""
     given = {**DEFAULT_LOCAL, **getattr(model, "local_settings", {})}
     channels = given["local_channels"] or max(16, 64 // reduction)
     min_stride = given["local_min_stride"]
     return {"channels": int(channels), "head_convs": int(given["local_head_convs"]),
             "coarser": bool(given["local_coarser"]), "min_stride": int(min_stride) if min_stride else None,
-            "lookahead_fusion": str(given["lookahead_fusion"])}
+            "zero_init": bool(given["local_zero_init"]), "lookahead_fusion": str(given["lookahead_fusion"])}
 
 
 def stride_reduction(channels: int, stride: int, min_stride: int | None) -> tuple[nn.Module, int]:
@@ -88,6 +89,14 @@ def stride_reduction(channels: int, stride: int, min_stride: int | None) -> tupl
         layers += [nn.ReLU(inplace=False)] if i else []
         layers.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
     return nn.Sequential(*layers), min_stride
+
+
+def zero_init_residual(block: nn.Module) -> None:
+    """Zero the scale of a ResNet block's last BatchNorm (torchvision's ``zero_init_residual``):
+    the block then starts as its shortcut, and its residual branch grows only as far as the
+    SLM's loss asks it to."""
+    last = block.bn3 if hasattr(block, "bn3") else block.bn2
+    nn.init.zeros_(last.weight)
 
 
 # --------------------------------------------------------------------------- the bank
@@ -465,6 +474,8 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
         if spec.out_channels % 4 == 0 and channels % 4:  # a Bottleneck's width is a multiple of 4
             channels = max(4, channels // 4 * 4)
         block = model.make_stage_block(max(1, spec.stage), spec.out_channels, channels)
+        if settings["zero_init"]:
+            zero_init_residual(block)
         reduce, stride = stride_reduction(spec.out_channels, spec.downsample, settings["min_stride"])
         finer_channels = [ctx.module_channels[j] for j in sources[k]]
         ahead_channels = [ctx.module_channels[j] for j in ahead[k]]

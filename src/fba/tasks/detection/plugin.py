@@ -55,6 +55,8 @@ class DetectionPlugin(TaskPlugin):
       stride-2 convs;
     - ``local_min_stride``: null, or 8/16/32: FBA's SLM of a module finer than that brings its
       map there by stride-2 convs before its block (a lighter SLM: less memory at module 0);
+    - ``local_zero_init``: FBA's SLM blocks start as their shortcut (the last BatchNorm's
+      scale zeroed, torchvision's ``zero_init_residual``);
     - ``lookahead_fusion``: with ``fba.bank.source=lookahead``, how the coarser maps of the
       lookahead forward enter an SLM's local FPN: ``replace`` (each is that level's lateral,
       as in the main FPN) or ``add`` (added to a level made from the module's own map);
@@ -66,12 +68,14 @@ class DetectionPlugin(TaskPlugin):
     config_section = "det"
     config_defaults = {"anchor_sizes": None, "fpn_channels": 256, "box_loss": "l1", "yolo_grid": None,
                        "local_channels": None, "local_head_convs": 1,
-                       "local_coarser": True, "local_min_stride": None, "lookahead_fusion": "replace",
+                       "local_coarser": True, "local_min_stride": None, "local_zero_init": False,
+                       "lookahead_fusion": "replace",
                        "draw_score": 0.3}
     config_rules = {"anchor_sizes": anchor_sizes_rule, "fpn_channels": fpn_channels_rule,
                     "box_loss": ("l1", "smooth_l1", "giou", "diou", "ciou"), "yolo_grid": optional_positive_int,
                     "local_channels": optional_positive_int, "local_head_convs": (1, 2, 3, 4), "local_coarser": boolean,
-                    "local_min_stride": (None, 8, 16, 32), "lookahead_fusion": ("replace", "add"),
+                    "local_min_stride": (None, 8, 16, 32), "local_zero_init": boolean,
+                    "lookahead_fusion": ("replace", "add"),
                     "draw_score": unit_interval}
     # ``task=detection`` alone: RetinaNet-R18 on the built-in shapes at 128 px, K=4 by stage,
     # 1,600 steps of batch 8 (8 epochs of the 1,600 training images). These are the built-in
@@ -135,7 +139,7 @@ class DetectionPlugin(TaskPlugin):
         # What the auxiliary networks of local methods read (fba.tasks.detection.local).
         model.local_settings = {key: config["det"][key]
                                 for key in ("local_channels", "local_head_convs", "local_coarser", "local_min_stride",
-                                            "lookahead_fusion")}
+                                            "local_zero_init", "lookahead_fusion")}
         return model
 
     def build_datasets(self, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
