@@ -56,6 +56,7 @@ def test_every_table_2_row_has_a_config(model, method):
     assert cfg["method"] == method and (method == "bp" or cfg["K"] == K_BY_BLOCK[depth])
     assert cfg["optim"]["name"] == "sgd"  # the paper's recipe, not the built-in run's
     assert not model.startswith("retinanet") or cfg["det"]["fpn_channels"] == 256
+    assert method == "bp" or cfg["fba"]["bank"]["source"] == "inpass"  # the paper's bank-fed local FPN
 
 
 @pytest.mark.parametrize("name", [*(f"{m}_{a}_r{d}" for m in ("bp", "fba") for a in ("retinanet", "yolov1")
@@ -69,3 +70,5 @@ def test_every_table_3_and_4_row_has_a_config(name):
     if name.startswith("ablation"):
         assert cfg["model"] == "retinanet_resnet34"
         assert cfg["fba"]["share_head"] == name.endswith("shared_head")
+    if cfg["method"] == "fba":
+        assert cfg["fba"]["bank"]["source"] == "inpass"

@@ -20,6 +20,7 @@ from conftest import assert_perturbing_aux_changes_only_its_module
 
 SIZE = 64
 DET = {"task": "detection", "device": "cpu", "data.image_size": SIZE}
+INPASS = {"fba.bank.source": "inpass"}  # the paper's bank; the built-in run's default has none
 NO_MOMENTUM = {"optim.momentum": 0.0, "optim.nesterov": False, "optim.weight_decay": 0.0}
 
 
@@ -35,7 +36,7 @@ def learner(model="retinanet_resnet18", method="fba", K=4, **options):
 
 # ---- what gets built ------------------------------------------------------------------------------
 def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
-    net = learner()
+    net = learner(**INPASS)
     assert all(isinstance(aux, DetectionSLM) for aux in net.aux_nets)
     assert isinstance(net.bank, MultiScaleMapBank)
     # K=4 by stage: module 0 (stem + layer1, stride 4), 1 (layer2, stride 8), 2 (layer3, stride 16).
@@ -50,6 +51,13 @@ def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
                                          "zero_init": False, "lookahead_fusion": "replace"}
     slm = sum(p.numel() for p in aux.parameters())
     assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
+
+
+def test_the_built_in_default_has_no_bank():
+    net = learner()  # fba.bank.source=none, chosen by the bank ablation (docs/detection.md)
+    assert net.bank is None and all(len(aux.fpn.finer_laterals) == 0 for aux in net.aux_nets)
+    # SLM 2 (layer3, stride 16) then has no P3: its own level and the coarser ones it makes.
+    assert [aux.fpn.strides for aux in net.aux_nets] == [[8, 16, 32, 64, 128]] * 2 + [[16, 32, 64, 128]]
 
 
 def test_finer_sources_are_the_latest_earlier_module_of_each_finer_pyramid_scale():
@@ -133,7 +141,7 @@ def test_zero_init_slm_blocks_start_as_their_shortcut(model):
 
 
 def test_settings_come_from_the_det_section():
-    net = learner(**{"det.local_channels": 32, "det.local_head_convs": 2, "det.local_coarser": False})
+    net = learner(**INPASS, **{"det.local_channels": 32, "det.local_head_convs": 2, "det.local_coarser": False})
     assert net.aux_nets[1].fpn.strides == [8] and net.aux_nets[2].fpn.strides == [8, 16]
     assert len(net.aux_nets[2].head.net.head.regression_head.conv) == 2
     assert net.aux_nets[0].fpn.output_convs[0].out_channels == 32
@@ -172,9 +180,9 @@ def test_perturbing_aux_j_changes_only_module_j(method, j, step, source):
 
 def test_yolo_smoke_isolation_and_training():
     images, targets = batch()
-    assert_perturbing_aux_changes_only_its_module(lambda: learner("yolov1_resnet18"),
+    assert_perturbing_aux_changes_only_its_module(lambda: learner("yolov1_resnet18", **INPASS),
                                                   (images, targets, torch.arange(2)), j=2, scale=0.1)
-    net = learner("yolov1_resnet18")
+    net = learner("yolov1_resnet18", **INPASS)
     assert all(isinstance(aux, YOLOSLM) for aux in net.aux_nets)
     assert [len(aux.projections) for aux in net.aux_nets] == [0, 0, 1]
     dgl = learner("yolov1_resnet18", method="dgl")
@@ -221,7 +229,7 @@ def test_export_after_local_training_loads_strictly_into_torchvision(method):
 
 
 def test_bank_holds_detached_maps_for_this_step_only_and_is_unused_in_eval():
-    net = learner(K=9, partition="count")
+    net = learner(K=9, partition="count", **INPASS)
     assert net.bank.sources[-1] == [4, 6]
     images, targets = batch()
     read, seen = net.bank.read, []
