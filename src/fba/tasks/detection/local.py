@@ -2,13 +2,15 @@
 
 - :class:`MultiScaleMapBank` is the detection bank (paper, "Instantiation in Object
   Detection"): the whole output maps, detached, of the earlier modules of the current step
-  at the pyramid's finer scales (stride 8, 16, ...), each kept only until the last SLM that
-  reads it has run.
+  at the pyramid's finer scales (stride 8, 16, ...) and, with ``fba.bank.source=lookahead``,
+  the coarser C4/C5 of a no-grad forward of the same batch, each kept only until the last
+  SLM that reads it has run.
 - :class:`LocalFPN` is the light pyramid an auxiliary network builds on a module's map:
   1x1 laterals, a nearest top-down pathway and 3x3 output convs (torchvision's FPN, no
   normalisation, narrow), levels from P3 (stride 8) up to P7 (stride 128). Its finer levels
   come from the bank (FBA) or are made from the module's own map by upsampling convs
-  (DGL); its coarser levels are made by stride-2 convs (as P6/P7 are).
+  (DGL); its coarser levels come from lookahead maps or are made by stride-2 convs (as
+  P6/P7 are).
 - :class:`DetectionSLM` is FBA's Simple Local Module for RetinaNet: a fresh stage-tail
   block, a :class:`LocalFPN` fed by the bank, a :class:`LocalRetinaNetHead`.
   :class:`YOLOSLM` is the one for YOLOv1 (single scale): the finer maps pooled to the
