@@ -42,6 +42,7 @@ from fba.engine.bank import StepOnlyBank
 from fba.tasks.detection.models import (
     DetectionTrainingOutput, Detections, PyramidTaps, RetinaNetFPNHead, RetinaNetOutputs, _SingleMap,
 )
+from fba.tasks.detection.plugin import LOCAL_KEYS, DetectionPlugin
 
 if TYPE_CHECKING:
     from fba.engine.units import UnitModel
@@ -51,8 +52,7 @@ if TYPE_CHECKING:
 #: strides of the pyramid levels P3..P7 (the main RetinaNet's)
 PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 #: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
-DEFAULT_LOCAL = {"local_channels": None, "local_head_convs": 1, "local_coarser": True, "local_min_stride": None,
-                 "local_zero_init": False, "lookahead_fusion": "replace"}
+DEFAULT_LOCAL = {key: DetectionPlugin.config_defaults[key] for key in LOCAL_KEYS}
 #: how a local FPN uses a coarser lookahead map (``det.lookahead_fusion``), see :class:`LocalFPN`
 LOOKAHEAD_FUSIONS = ("replace", "add")
 

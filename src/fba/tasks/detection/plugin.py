@@ -33,6 +33,11 @@ def fpn_channels_rule(value: Any) -> str | None:
     return None if ok else "a positive multiple of 32"
 
 
+#: the ``det`` keys that the local auxiliary networks read (``fba.tasks.detection.local``)
+LOCAL_KEYS = ("local_channels", "local_head_convs", "local_coarser", "local_min_stride", "local_zero_init",
+              "lookahead_fusion")
+
+
 class DetectionPlugin(TaskPlugin):
     """Object detection: RetinaNet and YOLOv1 on ResNets, trained from scratch; COCO mAP.
 
@@ -139,9 +144,7 @@ class DetectionPlugin(TaskPlugin):
         model = builder(num_classes=num_classes, in_channels=in_channels, image_size=config["data"]["image_size"],
                         **options)
         # What the auxiliary networks of local methods read (fba.tasks.detection.local).
-        model.local_settings = {key: config["det"][key]
-                                for key in ("local_channels", "local_head_convs", "local_coarser", "local_min_stride",
-                                            "local_zero_init", "lookahead_fusion")}
+        model.local_settings = {key: config["det"][key] for key in LOCAL_KEYS}
         return model
 
     def build_datasets(self, config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
