@@ -12,7 +12,7 @@ from fba.config import resolve_config
 from fba.tasks import get_task
 from fba.tasks.detection.models import (
     MODELS, DetectionTrainingOutput, TappedBlock, YOLOv1Head, default_anchor_sizes, default_grid_size,
-    torchvision_retinanet,
+    retinanet_loss, torchvision_retinanet,
 )
 from fba.tasks.detection.task import DetectionTask
 
@@ -198,6 +198,45 @@ def test_torchvision_retinanet_is_resnet_fpn_backbone_at_256_channels_seed_for_s
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with pytest.raises(ValueError, match="multiple of 32"):
         torchvision_retinanet(18, num_classes=3, image_size=SIZE, fpn_channels=48)
+
+
+def _loss_case(n: int = 4, anchors_per_image: int = 3000, classes: int = 20):
+    generator = torch.Generator().manual_seed(0)
+    net = torchvision_retinanet(18, num_classes=classes, image_size=SIZE).train()
+    outputs = {"cls_logits": torch.randn(n, anchors_per_image, classes, generator=generator, requires_grad=True),
+               "bbox_regression": torch.randn(n, anchors_per_image, 4, generator=generator, requires_grad=True)}
+    corners = torch.rand(anchors_per_image, 2, generator=generator) * 48
+    anchors = [torch.cat([corners, corners + 16], dim=1)] * n
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 26.0], [30.0, 20.0, 60.0, 60.0]]), "labels": torch.tensor([1, 7])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # an image without objects
+    return net, outputs, anchors, (targets * n)[:n]
+
+
+def test_per_image_checkpointed_loss_is_torchvisions_and_holds_less_memory():
+    """``retinanet_loss`` gives torchvision's losses and gradients; checkpointed per image, the
+    focal loss's intermediates are not kept for the whole batch (the CPU tracker's peak)."""
+    from fba.bench.memory import peak_memory
+
+    net, outputs, anchors, targets = _loss_case()
+    theirs = net.compute_loss(targets, outputs, anchors)
+    their_grads = torch.autograd.grad(sum(theirs.values()), list(outputs.values()))
+    ours = retinanet_loss(net, targets, outputs, anchors)
+    our_grads = torch.autograd.grad(sum(ours.values()), list(outputs.values()))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key])
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b)
+
+    def peak(loss_fn) -> int:
+        return peak_memory(lambda: sum(loss_fn(net, targets, outputs, anchors).values()).backward(),
+                           existing=list(outputs.values()))["peak_bytes"]
+
+    logits_bytes = outputs["cls_logits"].numel() * 4
+    plain = peak(lambda net, *args: net.compute_loss(*args))
+    assert peak(retinanet_loss) < plain - 2 * logits_bytes
+    with torch.no_grad():  # evaluation: no graph, torchvision's call as it is
+        torch.testing.assert_close(retinanet_loss(net, targets, outputs, anchors), theirs)
 
 
 def test_default_anchor_and_grid_sizes():

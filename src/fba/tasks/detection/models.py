@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import RetinaNet
@@ -264,6 +265,38 @@ class DetectionTrainingOutput:
         return self._compute(targets)
 
 
+def retinanet_loss(net: RetinaNet, targets: Targets, head_outputs: dict[str, Tensor],
+                   anchors: list[Tensor]) -> dict[str, Tensor]:
+    """torchvision's ``net.compute_loss``, one image at a time, each under activation checkpointing.
+
+    ``head_outputs``: ``cls_logits`` ``(N, HWA, C)`` and ``bbox_regression`` ``(N, HWA, 4)``;
+    ``anchors``: N tensors ``(HWA, 4)`` -> ``{"classification", "bbox_regression"}`` scalars,
+    equal to ``net.compute_loss(targets, head_outputs, anchors)``: torchvision normalises each
+    image's losses by its own foreground count and then averages over the images, so the
+    mean of the one-image losses is the batch loss.
+
+    Why: the sigmoid focal loss keeps about eight tensors of the logits' size for its
+    backward (sigmoid, BCE, p_t, the modulating power, the index copies of the valid
+    anchors). At 512 px and 20 classes that is about 270 MiB at batch 8, the largest block
+    alive at the peak of the last local module and of BP. Checkpointed per image, the
+    forward keeps none of it and the backward rebuilds one image's at a time, for an
+    elementwise recomputation.
+    """
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in head_outputs.values())):
+        return net.compute_loss(targets, head_outputs, anchors)
+    keys = list(head_outputs)
+
+    def one_image(target: dict[str, Tensor], anchors_of_image: Tensor, *outputs: Tensor) -> dict[str, Tensor]:
+        return net.compute_loss([target], dict(zip(keys, outputs)), [anchors_of_image])
+
+    # split, not indexing: its backward gathers the images' gradients into one tensor, where
+    # each slice's backward would write a zero-filled tensor of the whole batch's size.
+    images_outputs = zip(*(head_outputs[k].split(1) for k in keys))
+    per_image = [checkpoint(one_image, target, anchors_of_image, *outputs, use_reentrant=False)
+                 for target, anchors_of_image, outputs in zip(targets, anchors, images_outputs)]
+    return {name: torch.stack([losses[name] for losses in per_image]).mean() for name in per_image[0]}
+
+
 class Detections(list):
     """torchvision's eval output (a list of ``{"boxes", "scores", "labels"}``) that can also
     give the loss of the same forward: ``losses(targets)``, or None when unavailable."""
@@ -307,7 +340,7 @@ class RetinaNetOutputs(nn.Module):
 
         def compute(targets: Targets) -> dict[str, Tensor]:
             targets = prepare_targets(targets, original_sizes, image_sizes, anchors[0].device)
-            return net.compute_loss(targets, head_outputs, anchors)
+            return retinanet_loss(net, targets, head_outputs, anchors)
 
         # The mode of the shared head, not of this wrapper: the plain model and the units' view
         # of it must agree whichever of the two was put in train or eval mode.
