@@ -47,8 +47,8 @@ def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
     aux = net.aux_nets[2]
     assert len(aux.head.net.head.classification_head.conv) == 1
     assert aux.head.net.anchor_generator.sizes == net.plain.anchor_generator.sizes
-    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "min_stride": None,
-                                         "zero_init": False, "lookahead_fusion": "replace"}
+    assert local_settings(net.plain) == {"channels": 64, "head_convs": 1, "coarser": True, "finer": False,
+                                         "min_stride": None, "zero_init": False, "lookahead_fusion": "replace"}
     slm = sum(p.numel() for p in aux.parameters())
     assert slm < 0.25 * sum(p.numel() for p in net.plain.parameters())
 
@@ -58,6 +58,19 @@ def test_the_built_in_default_has_no_bank():
     assert net.bank is None and all(len(aux.fpn.finer_laterals) == 0 for aux in net.aux_nets)
     # SLM 2 (layer3, stride 16) then has no P3: its own level and the coarser ones it makes.
     assert [aux.fpn.strides for aux in net.aux_nets] == [[8, 16, 32, 64, 128]] * 2 + [[16, 32, 64, 128]]
+
+
+def test_local_finer_makes_the_missing_finer_levels_by_upsampling_where_the_bank_gives_none():
+    net = learner(**{"det.local_finer": True})
+    assert [aux.fpn.strides for aux in net.aux_nets] == [[8, 16, 32, 64, 128]] * 3
+    assert [len(aux.fpn.upsamplers) for aux in net.aux_nets] == [0, 0, 1]  # SLM 2: P3 from its own map
+    images, targets = batch()
+    losses = net.train_step(images, targets)
+    assert all(math.isfinite(v) for v in losses.values())
+    # An SLM that reads the bank keeps its maps as the finer levels.
+    net = learner(**{"det.local_finer": True}, **INPASS)
+    assert [len(aux.fpn.upsamplers) for aux in net.aux_nets] == [0, 0, 0]
+    assert [len(aux.fpn.finer_laterals) for aux in net.aux_nets] == [0, 0, 1]
 
 
 def test_finer_sources_are_the_latest_earlier_module_of_each_finer_pyramid_scale():

@@ -358,10 +358,11 @@ def test_plugin_config_batch_and_metadata():
         "retinanet_resnet18", 4, "shapes-det", 128)
     assert cfg["det"] == {"anchor_sizes": None, "fpn_channels": 128, "box_loss": "l1", "yolo_grid": None,
                           "local_channels": None, "local_head_convs": 1,
-                          "local_coarser": True, "local_min_stride": None, "local_zero_init": False,
+                          "local_coarser": True, "local_finer": False, "local_min_stride": None, "local_zero_init": False,
                           "lookahead_fusion": "replace", "draw_score": 0.3}
     assert cfg["fba"]["bank"]["source"] == "none"  # measured: docs/detection.md, the bank ablation
     assert cfg["checkpoint"] == [0]  # module 0 sets the peak (docs/detection.md, Memory)
+    assert cfg["train"]["epochs"] == 9  # the 20-minute budget on 2 cores (docs/detection.md, Results)
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
     with pytest.raises(fba.errors.ConfigError, match="det.fpn_channels.*multiple of 32"):

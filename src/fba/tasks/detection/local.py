@@ -61,6 +61,7 @@ def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
     """The auxiliary networks' settings: ``channels`` (local FPN and head width: the
     ``det.local_channels`` value, or 64 divided by ``reduction``, at least 16),
     ``head_convs`` (3x3 convs per head branch, 1..4), ``coarser`` (make P6/P7-like levels),
+    ``finer`` (an SLM without bank maps makes the finer levels by upsampling),
     ``min_stride`` (None, or the stride an SLM brings a finer module's map to first),
     ``zero_init`` (an SLM's block starts as its shortcut) and ``lookahead_fusion`` (how
     coarser lookahead maps enter the local FPN)."""
@@ -68,7 +69,8 @@ def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:
     channels = given["local_channels"] or max(16, 64 // reduction)
     min_stride = given["local_min_stride"]
     return {"channels": int(channels), "head_convs": int(given["local_head_convs"]),
-            "coarser": bool(given["local_coarser"]), "min_stride": int(min_stride) if min_stride else None,
+            "coarser": bool(given["local_coarser"]), "finer": bool(given["local_finer"]),
+            "min_stride": int(min_stride) if min_stride else None,
             "zero_init": bool(given["local_zero_init"]), "lookahead_fusion": str(given["lookahead_fusion"])}
 
 
@@ -483,7 +485,10 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
         ahead_channels = [ctx.module_channels[j] for j in ahead[k]]
         if retina:
             width = settings["channels"]
-            fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]],
+            # Upsampled finer levels only where the bank gives the SLM nothing: bank maps are the
+            # finer levels themselves, and the local FPN takes one or the other.
+            make_finer = settings["finer"] and not (finer_channels or ahead_channels)
+            fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]], make_finer,
                            coarser=settings["coarser"] or method.share_head, ahead_channels=ahead_channels,
                            ahead_strides=[strides[j] for j in ahead[k]], ahead_fusion=settings["lookahead_fusion"])
             main = model.plain
