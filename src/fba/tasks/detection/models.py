@@ -284,8 +284,8 @@ def retinanet_loss(net: RetinaNet, targets: Targets, head_outputs: dict[str, Ten
 
     Why: the sigmoid focal loss keeps about eight tensors of the logits' size for its
     backward (sigmoid, BCE, p_t, the modulating power, the index copies of the valid
-    anchors). At 512 px and 20 classes that is about 270 MiB at batch 8, the largest block
-    alive at the peak of the last local module and of BP. Checkpointed per image, the
+    anchors). At 512 px, batch 8 and 20 classes, checkpointing them took 186 MiB off the peak
+    of the last local module and of BP (docs/detection.md, Memory). Checkpointed per image, the
     forward keeps none of it and the backward rebuilds one image's at a time, for an
     elementwise recomputation. Smaller logits than ``checkpoint_from_bytes`` take
     torchvision's call as it is, as does a forward without gradients.
