@@ -105,7 +105,7 @@ class DetectionPlugin(TaskPlugin):
         # (eight: 15 min 18 s, 0.433-0.438).
         "train": {"epochs": 9},
         # Module 0 (the stem and layer1, stride 4) sets local learning's peak: checkpointing it
-        # alone moves the peak to the last module's (RetinaNet-R34 K=4: 0.587 -> 0.545 of BP)
+        # alone moves the peak to the last module's (RetinaNet-R34 K=4: 0.555 -> 0.510 of BP)
         # for one recomputed forward of that module (docs/detection.md, Memory).
         "checkpoint": [0],
         # No bank by default: at K=4 by stage the in-pass maps (C3 into SLM 2's local FPN) cost
