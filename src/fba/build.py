@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from fba.config import resolve_config
-from fba.engine.checkpointing import CheckpointedUnits, checkpoint_per_sample_modules
+from fba.engine.checkpointing import CheckpointedUnits, checkpoint_batch_chunks
 from fba.errors import ConfigError, FBAError
 from fba.tasks import get_task
 
@@ -163,12 +163,17 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     checkpointed = checkpointed_modules(cfg["checkpoint"], method, len(groups))
     modules = [CheckpointedUnits(*[model.units[i] for i in group]) if k in checkpointed
                else method.module_from_units([model.units[i] for i in group]) for k, group in enumerate(groups)]
-    # and the per-sample heads (SR tails) of those modules, in the auxiliary networks too
+    # and the batch-chunkable parts of those modules (a conv-BatchNorm stem, an SR tail), in
+    # their auxiliary networks too
+    chunks = cfg["checkpoint_chunks"]
+    for k in checkpointed:
+        for i in groups[k]:
+            checkpoint_batch_chunks(model.units[i], chunks)
     if len(groups) - 1 in checkpointed:
-        checkpoint_per_sample_modules(model.head)
+        checkpoint_batch_chunks(model.head, chunks)
     for k, aux in enumerate(aux_nets):
         if k in checkpointed:
-            checkpoint_per_sample_modules(aux)
+            checkpoint_batch_chunks(aux, chunks)
     model.plain.to(device)
     for aux in aux_nets:
         aux.to(device)

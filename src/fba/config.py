@@ -37,6 +37,10 @@ _CORE_DEFAULTS: dict[str, Any] = {
     # plain local learning and bp_checkpoint, for one recomputed forward (docs/scaling.md).
     # A list of module indices checkpoints only those modules (local methods only).
     "checkpoint": False,
+    # Batch chunks of a checkpointed module's per-sample heads (an SR tail) and BatchNorm stems
+    # (a detection ResNet's conv1-bn1-relu-maxpool): its backward then holds one chunk's maps at
+    # a time (docs/scaling.md). 0 runs them whole.
+    "checkpoint_chunks": 4,
     "resume": None,
     "init_from": None,
     "distributed": {
@@ -119,6 +123,7 @@ _CORE_RULES: dict[str, Rule] = {
     "device": rules.device,
     "precision": ("fp32", "bf16", "fp16"),
     "checkpoint": rules.checkpoint_modules,
+    "checkpoint_chunks": rules.non_negative_int,
     "distributed.mode": ("ddp", "pipeline"),
     "resume": rules.optional_str,
     "init_from": rules.optional_str,

@@ -30,12 +30,21 @@ class CheckpointedUnits(nn.Sequential):
         return x
 
 
-#: batch chunks of a checkpointed per-sample module: its recomputation then holds a quarter
-#: of its activations at a time (EDSR x4's tail: 0.42x BP instead of 0.63x, docs/scaling.md)
+#: batch chunks of a checkpointed per-sample module (the config's ``checkpoint_chunks``): its
+#: recomputation then holds a quarter of its activations at a time (EDSR x4's tail: 0.42x BP
+#: instead of 0.63x, docs/scaling.md)
 CHECKPOINT_CHUNKS = 4
 
 
-class PerSampleModule(nn.Module):
+class BatchChunkable(nn.Module):
+    """A module that can run a training forward and backward in ``checkpoint_chunks`` batch
+    chunks, holding one chunk's maps at a time (0: off). :func:`checkpoint_batch_chunks`
+    turns it on inside checkpointed local modules; an exported model has it off."""
+
+    checkpoint_chunks: int = 0
+
+
+class PerSampleModule(BatchChunkable):
     """A module whose output for each sample depends on that sample alone (no BatchNorm).
 
     Such a module can be checkpointed in batch chunks: with ``checkpoint_chunks = n`` a
@@ -45,8 +54,6 @@ class PerSampleModule(nn.Module):
     upsampler writes maps at the HR resolution. Parameter names and outputs are unchanged.
     """
 
-    checkpoint_chunks: int = 0
-
     def __call__(self, x: Tensor) -> Any:
         if self.checkpoint_chunks and self.training and torch.is_grad_enabled():
             call = super().__call__
@@ -54,12 +61,13 @@ class PerSampleModule(nn.Module):
         return super().__call__(x)
 
 
-def checkpoint_per_sample_modules(module: nn.Module, chunks: int = CHECKPOINT_CHUNKS) -> int:
-    """Turn on batch-chunked checkpointing in every :class:`PerSampleModule` inside ``module``.
+def checkpoint_batch_chunks(module: nn.Module, chunks: int = CHECKPOINT_CHUNKS) -> int:
+    """Turn on batch chunks in every :class:`BatchChunkable` inside ``module`` (per-sample
+    modules, and the conv-BatchNorm stems of ``fba.engine.chunked_bn``).
 
     Returns how many it set.
     """
-    found = [sub for sub in module.modules() if isinstance(sub, PerSampleModule)]
+    found = [sub for sub in module.modules() if isinstance(sub, BatchChunkable)]
     for sub in found:
         sub.checkpoint_chunks = chunks
     return len(found)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fba.engine.bank import FeatureBank
 from fba.engine.bn import frozen_bn_statistics
-from fba.engine.checkpointing import PerSampleModule
+from fba.engine.checkpointing import BatchChunkable
 from fba.errors import NonFiniteLossError
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -359,7 +359,7 @@ class LocalLearner(nn.Module):
         """A standalone copy of the inference model: backbone and head parameters only."""
         model = copy.deepcopy(self._plain).eval()
         for sub in model.modules():  # training-time memory choices do not travel with the model
-            if isinstance(sub, PerSampleModule):
+            if isinstance(sub, BatchChunkable):
                 sub.checkpoint_chunks = 0
         return model
 

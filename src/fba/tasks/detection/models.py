@@ -56,6 +56,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from fba.engine.chunked_bn import ChunkedConvBN
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
 from fba.tasks.classification.models import make_stage_block as _resnet_block
@@ -314,6 +315,13 @@ class Detections(list):
     losses: Callable[[Targets], dict[str, Tensor]] | None = None
 
 
+def _stem_conv_bn(body: nn.Module) -> ChunkedConvBN:
+    """A ResNet's conv1-bn1-relu-maxpool. It writes the network's largest maps, so in a
+    checkpointed module it runs in batch chunks (``fba.engine.chunked_bn``): at batch 8 and
+    512 px its backward holds 576 MiB at once otherwise."""
+    return ChunkedConvBN(body.conv1, body.bn1, nn.Sequential(body.relu, body.maxpool))
+
+
 # ---- RetinaNet -----------------------------------------------------------------------------------
 class RetinaNetStem(nn.Module):
     """torchvision's transform (normalise, resize in eval, pad to 32) + conv1-bn1-relu-maxpool.
@@ -326,14 +334,14 @@ class RetinaNetStem(nn.Module):
         super().__init__()
         body = net.backbone.body
         self.transform = net.transform
-        self.conv1, self.bn1, self.relu, self.maxpool = body.conv1, body.bn1, body.relu, body.maxpool
+        self.conv_bn = _stem_conv_bn(body)
         object.__setattr__(self, "taps", taps)
 
     def forward(self, images: Tensor | list[Tensor]) -> Tensor:
         original = [tuple(image.shape[-2:]) for image in images]
         batch, _ = self.transform(images)
         self.taps.begin(batch.tensors.shape[-2:], batch.image_sizes, original)
-        return self.maxpool(self.relu(self.bn1(self.conv1(batch.tensors))))
+        return self.conv_bn(batch.tensors)
 
 
 class RetinaNetOutputs(nn.Module):
@@ -621,14 +629,14 @@ class YOLOv1Stem(nn.Module):
         super().__init__()
         body = net.backbone
         self.normalize = net.normalize
-        self.conv1, self.bn1, self.relu, self.maxpool = body.conv1, body.bn1, body.relu, body.maxpool
+        self.conv_bn = _stem_conv_bn(body)
         object.__setattr__(self, "taps", taps)
 
     def forward(self, images: Tensor | list[Tensor]) -> Tensor:
         x = _as_batch(images)
         size = tuple(x.shape[-2:])
         self.taps.begin(size, [size] * x.shape[0], [size] * x.shape[0])
-        return self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        return self.conv_bn(self.normalize(x))
 
 
 class YOLOv1HeadUnit(nn.Module):
