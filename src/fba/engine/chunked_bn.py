@@ -2,7 +2,7 @@
 
 A ResNet stem at detection sizes writes the largest maps in the network: 64 channels at half
 the input resolution. Its backward holds several of them for the whole batch at once: the
-conv's output, the normalised map and their gradients. At batch 8 and 512 px that is 576 MiB,
+conv's output, the normalised map and their gradients. At batch 8 and 512 px that is 544 MiB,
 which sets module 0's peak under local learning. Checkpointing does not help: it keeps less
 during the forward, but the backward still builds the same maps.
 

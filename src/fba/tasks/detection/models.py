@@ -318,7 +318,7 @@ class Detections(list):
 def _stem_conv_bn(body: nn.Module) -> ChunkedConvBN:
     """A ResNet's conv1-bn1-relu-maxpool. It writes the network's largest maps, so in a
     checkpointed module it runs in batch chunks (``fba.engine.chunked_bn``): at batch 8 and
-    512 px its backward holds 576 MiB at once otherwise."""
+    512 px its backward holds 544 MiB at once otherwise."""
     return ChunkedConvBN(body.conv1, body.bn1, nn.Sequential(body.relu, body.maxpool))
 
 
