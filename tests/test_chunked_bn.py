@@ -10,12 +10,14 @@ from torchvision.models import resnet18
 import fba
 from fba.bench.memory import LiveTensorTracker
 from fba.engine.checkpointing import run_checkpointed
-from fba.engine.chunked_bn import ChunkedConvBN
+from fba.engine.chunked_bn import ChunkedConvBN, _ChunkedConvBNFunction
 
 
-def _stem(momentum=0.1, affine=True, dtype=torch.double):
+def _stem(momentum=0.1, affine=True, dtype=torch.double, conv_bias=False):
     torch.manual_seed(0)
     net = resnet18().to(dtype)
+    if conv_bias:
+        net.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=True).to(dtype)
     net.bn1 = nn.BatchNorm2d(64, momentum=momentum, affine=affine).to(dtype)
     if affine:  # away from the (1, 0) start, so a missing scale or shift term shows
         net.bn1.weight.data.uniform_(0.5, 1.5)
@@ -30,9 +32,10 @@ def _chunked(net, chunks, min_bytes=0):
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 7, 20])
-@pytest.mark.parametrize("momentum, affine", [(0.1, True), (None, True), (0.1, False)])
-def test_outputs_gradients_and_running_statistics_equal_the_plain_stem(chunks, momentum, affine):
-    net = _stem(momentum, affine)
+@pytest.mark.parametrize("momentum, affine, conv_bias", [(0.1, True, False), (None, True, False), (0.1, False, False),
+                                                         (0.1, True, True)])
+def test_outputs_gradients_and_running_statistics_equal_the_plain_stem(chunks, momentum, affine, conv_bias):
+    net = _stem(momentum, affine, conv_bias=conv_bias)
     reference = copy.deepcopy(net)
     block = _chunked(net, chunks)
     g = torch.Generator().manual_seed(1)
@@ -47,7 +50,7 @@ def test_outputs_gradients_and_running_statistics_equal_the_plain_stem(chunks, m
         torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
     for (name, p), q in zip(net.named_parameters(), reference.parameters()):
-        if p.grad is not None or q.grad is not None:
+        if name.startswith(("conv1.", "bn1.")):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
     for (name, b), c in zip(net.bn1.named_buffers(), reference.bn1.buffers()):
         torch.testing.assert_close(b, c, msg=name)
@@ -99,6 +102,15 @@ def test_the_backward_holds_one_chunk_of_maps():
     assert peaks[4] <= 0.6 * peaks[0]
 
 
+def test_a_second_order_gradient_is_refused():
+    net = _stem()
+    x = torch.rand(4, 3, 32, 32, dtype=torch.double, requires_grad=True)
+    # a squared loss, so that the output gradient itself has a graph (a gradient penalty's case)
+    (grad,) = torch.autograd.grad((_chunked(net, 2)(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad.sum().backward()
+
+
 def test_a_tail_with_parameters_is_refused():
     net = _stem(dtype=torch.float)
     with pytest.raises(ValueError, match="tail must have no parameters"):
@@ -106,7 +118,7 @@ def test_a_tail_with_parameters_is_refused():
 
 
 @pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
-def test_checkpointed_detection_stems_run_in_chunks_and_train_as_without(model):
+def test_checkpointed_detection_stems_run_in_chunks_and_train_as_without(model, monkeypatch):
     # SGD: AdamW's first steps are lr * sign(g), which would turn float-order noise in a
     # near-zero gradient into a full step
     opts = dict(task="detection", model=model, method="fba", K=4, num_classes=3,
@@ -117,6 +129,9 @@ def test_checkpointed_detection_stems_run_in_chunks_and_train_as_without(model):
     stem = chunked.local_modules[0][0].conv_bn
     assert stem.checkpoint_chunks > 0 and plain.local_modules[0][0].conv_bn.checkpoint_chunks == 0
     stem.min_bytes = 0  # the maps of this tiny input would be below the size that pays
+    calls = []
+    apply = _ChunkedConvBNFunction.apply
+    monkeypatch.setattr(_ChunkedConvBNFunction, "apply", lambda *args: calls.append(args[2]) or apply(*args))
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 64, 64, generator=g)
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([i % 3])} for i in range(4)]
@@ -125,7 +140,8 @@ def test_checkpointed_detection_stems_run_in_chunks_and_train_as_without(model):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for (name, p), q in zip(chunked.plain.state_dict().items(), plain.plain.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
-    assert not any(isinstance(m, ChunkedConvBN) for m in chunked.export().modules())
+    # two steps, each a forward and its checkpointed recomputation, in 4 chunks of one image
+    assert calls == [4] * 4
 
 
 def test_checkpoint_chunks_sets_the_chunks_and_zero_turns_them_off():

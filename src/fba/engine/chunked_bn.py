@@ -17,8 +17,10 @@ BatchNorm couples the samples, so the batch cannot simply be cut into independen
   chunk's gradient with respect to the conv's output, and through the conv, to its weights
   and input.
 
-So the backward holds the batch's maps one chunk at a time, for two extra conv forwards per
-step (one in each pass). The outputs, gradients and running statistics equal those of ``tail(bn(conv(x)))``, up
+So the backward passes hold one chunk's maps at a time; the forward (rerun inside the
+backward when the module is checkpointed) holds the conv's output once, without history.
+The price is two extra conv forwards per step, one in each pass. Under autocast (``precision``
+bf16 or fp16) the stem runs whole. The outputs, gradients and running statistics equal those of ``tail(bn(conv(x)))``, up
 to the order of float reductions.
 """
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from fba.engine.checkpointing import BatchChunkable
@@ -83,7 +86,7 @@ class ChunkedConvBN(BatchChunkable):
         return bool(self.checkpoint_chunks) and out_bytes >= self.min_bytes and self.training \
             and uses_batch_statistics and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
 
-    # ---- the pieces both passes recompute --------------------------------------------------
+    # ---- the pieces of the function below -------------------------------------------------
     def statistics(self, maps: list[Tensor]) -> tuple[Tensor, Tensor, int]:
         """Per-channel mean and biased variance over the chunks of ``conv(x)``, and the count,
         from per-chunk moments combined exactly (Chan et al.), in float64."""
@@ -134,15 +137,19 @@ class _ChunkedConvBNFunction(torch.autograd.Function):
             outs.append(block.tail(block.affine(block.normalised(maps[i], mean, invstd))))
             maps[i] = None  # type: ignore[call-overload]
         out = torch.cat(outs)
-        ctx.save_for_backward(x, mean, invstd)
+        # The weights are saved too, so that autograd's version check catches an in-place update
+        # between this forward and the backward, as it would for the plain chain.
+        conv_weight, conv_bias, bn_weight, _ = params
+        ctx.save_for_backward(x, mean, invstd, conv_weight, conv_bias, bn_weight)
         ctx.block, ctx.chunks, ctx.count = block, chunks, count
         return out
 
     @staticmethod
+    @once_differentiable  # a second-order gradient would silently have no graph behind it
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, invstd = ctx.saved_tensors
+        x, mean, invstd, conv_weight, conv_bias, bn_weight = ctx.saved_tensors
         block: ChunkedConvBN = ctx.block
-        conv, bn = block.conv, block.bn
+        conv = block.conv
         parts, grad_parts = x.chunk(ctx.chunks), grad_out.chunk(ctx.chunks)
 
         def tail_gradient(x_hat: Tensor, grad: Tensor) -> Tensor:
@@ -164,16 +171,16 @@ class _ChunkedConvBNFunction(torch.autograd.Function):
             sum_g_xhat += (g * x_hat).sum((0, 2, 3))
 
         # Pass 2: dL/dz = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat)), then the conv's.
-        scale = invstd if bn.weight is None else bn.weight.detach() * invstd
+        scale = invstd if bn_weight is None else bn_weight * invstd
         mean_g, mean_g_xhat = sum_g / ctx.count, sum_g_xhat / ctx.count
         wants_input, wants_weight, wants_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         # Detached aliases of the conv's parameters: a gradient hook on the parameters themselves
         # would otherwise fire once per chunk.
-        weight = conv.weight.detach().requires_grad_(wants_weight)
-        bias = None if conv.bias is None else conv.bias.detach().requires_grad_(wants_bias)
+        weight = conv_weight.detach().requires_grad_(wants_weight)
+        bias = None if conv_bias is None else conv_bias.detach().requires_grad_(wants_bias)
         conv_inputs = [p for p, wanted in ((weight, wants_weight), (bias, wants_bias)) if wanted]
-        grad_weight = torch.zeros_like(conv.weight) if wants_weight else None
-        grad_bias = torch.zeros_like(conv.bias) if wants_bias else None
+        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        grad_bias = torch.zeros_like(bias) if wants_bias else None
         grad_x = []
         for part, grad in zip(parts, grad_parts):
             with torch.enable_grad():
@@ -192,7 +199,7 @@ class _ChunkedConvBNFunction(torch.autograd.Function):
                 grad_bias += grads.pop(0)
             if wants_input:
                 grad_x.append(grads.pop(0))
-        has_affine = bn.weight is not None
+        has_affine = bn_weight is not None
         return (torch.cat(grad_x) if wants_input else None, None, None, grad_weight, grad_bias,
                 sum_g_xhat if has_affine and ctx.needs_input_grad[5] else None,
                 sum_g if has_affine and ctx.needs_input_grad[6] else None)
