@@ -39,8 +39,7 @@ _CORE_DEFAULTS: dict[str, Any] = {
     "checkpoint": False,
     # Batch chunks of a checkpointed module's per-sample heads (an SR tail) and BatchNorm stems
     # (a detection ResNet's conv1-bn1-relu-maxpool): its backward then holds one chunk's maps at
-    # a time (docs/scaling.md). 0 runs them whole. (The literal keeps `import fba` free of
-    # torch; it is fba.engine.checkpointing.CHECKPOINT_CHUNKS.)
+    # a time (EDSR x4's tail: 0.42x BP instead of 0.63x; docs/scaling.md). 0 runs them whole.
     "checkpoint_chunks": 4,
     "resume": None,
     "init_from": None,

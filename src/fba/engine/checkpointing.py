@@ -30,12 +30,6 @@ class CheckpointedUnits(nn.Sequential):
         return x
 
 
-#: batch chunks of a checkpointed per-sample module (the config's ``checkpoint_chunks``): its
-#: recomputation then holds a quarter of its activations at a time (EDSR x4's tail: 0.42x BP
-#: instead of 0.63x, docs/scaling.md)
-CHECKPOINT_CHUNKS = 4
-
-
 class BatchChunkable(nn.Module):
     """A module that can run a training forward and backward in ``checkpoint_chunks`` batch
     chunks, holding one chunk's maps at a time (0: off). :func:`checkpoint_batch_chunks`
@@ -61,9 +55,10 @@ class PerSampleModule(BatchChunkable):
         return super().__call__(x)
 
 
-def checkpoint_batch_chunks(module: nn.Module, chunks: int = CHECKPOINT_CHUNKS) -> int:
-    """Turn on batch chunks in every :class:`BatchChunkable` inside ``module`` (per-sample
-    modules, and the conv-BatchNorm stems of ``fba.engine.chunked_bn``).
+def checkpoint_batch_chunks(module: nn.Module, chunks: int) -> int:
+    """Turn on ``chunks`` batch chunks (the config's ``checkpoint_chunks``) in every
+    :class:`BatchChunkable` inside ``module`` (per-sample modules, and the conv-BatchNorm stems
+    of ``fba.engine.chunked_bn``).
 
     Returns how many it set.
     """

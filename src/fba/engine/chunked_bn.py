@@ -128,6 +128,9 @@ class _ChunkedConvBNFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, block: ChunkedConvBN, chunks: int, *params: Tensor | None) -> Tensor:
         # The whole conv output is alive here, once, without autograd history: the forward is
         # not where the stem's peak is, and it saves a conv forward over computing it twice.
+        # It is made in chunks, and the statistics combined from theirs, so that each chunk's
+        # map can be freed as soon as its output is made (one var_mean of the whole output would
+        # keep it all until the end: 16 MiB more at the stem's peak at 512 px, batch 8).
         maps = [block.conv(part) for part in x.chunk(chunks)]
         mean, variance, count = block.statistics(maps)
         block.update_running_statistics(mean, variance, count)
