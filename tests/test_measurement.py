@@ -97,6 +97,17 @@ def test_method_rows_take_options_and_one_key_overrides():
         runner.parse_method_spec("fba+fast")
 
 
+def test_methods_list_splits_rows_only_outside_brackets():
+    from fba.cli import _methods_arg
+
+    assert _methods_arg("bp, fba+checkpoint=[0,1],fba+det.anchor_sizes=[[16],[32,40]]") == [
+        "bp", "fba+checkpoint=[0,1]", "fba+det.anchor_sizes=[[16],[32,40]]"]
+    assert runner.parse_method_spec(_methods_arg("fba+checkpoint=[0,2]")[0]) == ("fba", {"checkpoint": [0, 2]}, None)
+    for bad in ("fba+checkpoint=[0,1", ",", "fba]"):
+        with pytest.raises(fba.errors.ConfigError, match="--methods"):
+            _methods_arg(bad)
+
+
 def test_a_row_override_reaches_only_its_row():
     cfg = resolve_config(None, ["model=resnet8", "K=4"])
     rows = runner.measure_memory(cfg, ["fba", "fba+checkpoint=[0, 1, 2, 3]", "fba+checkpoint=true"], batch_size=8,

@@ -33,10 +33,19 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def _methods_arg(text: str) -> list[str]:
-    """``--methods bp,fba`` -> ``["bp", "fba"]``; at least one name."""
+    """``--methods bp,fba`` -> ``["bp", "fba"]``; at least one name. Commas inside brackets
+    belong to a row's value: ``bp,fba+checkpoint=[0,1]`` is two rows."""
     from fba.errors import ConfigError
 
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            methods.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise ConfigError(f"--methods {text!r}: unbalanced brackets")
+    methods = [m for m in methods if m]
     if not methods:
         raise ConfigError("--methods: give at least one method, e.g. --methods bp,fba")
     return methods
