@@ -42,7 +42,7 @@ from fba.engine.bank import StepOnlyBank
 from fba.tasks.detection.models import (
     DetectionTrainingOutput, Detections, PyramidTaps, RetinaNetFPNHead, RetinaNetOutputs, _SingleMap,
 )
-from fba.tasks.detection.plugin import LOCAL_KEYS, DetectionPlugin
+from fba.tasks.detection.plugin import LOCAL_KEYS, LOOKAHEAD_FUSIONS, DetectionPlugin
 
 if TYPE_CHECKING:
     from fba.engine.units import UnitModel
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 #: defaults of the SLM settings (``det.local_*``), see :func:`local_settings`
 DEFAULT_LOCAL = {key: DetectionPlugin.config_defaults[key] for key in LOCAL_KEYS}
-#: how a local FPN uses a coarser lookahead map (``det.lookahead_fusion``), see :class:`LocalFPN`
-LOOKAHEAD_FUSIONS = ("replace", "add")
 
 
 def local_settings(model: "UnitModel", reduction: int = 1) -> dict[str, Any]:

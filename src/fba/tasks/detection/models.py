@@ -59,6 +59,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from fba.engine.chunked_bn import ChunkedConvBN
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
+from fba.tasks.detection.plugin import BOX_LOSSES
 from fba.tasks.classification.models import make_stage_block as _resnet_block
 from fba.tasks.classification.models import stage_blocks
 
@@ -71,8 +72,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BASE_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 FPN_CHANNELS = 256
-#: RetinaNet box losses that torchvision's regression head offers and that are offered here
-BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 #: the ResNet layers whose outputs feed the FPN (C3, C4, C5)
 FPN_LAYERS = (2, 3, 4)
 

@@ -33,6 +33,11 @@ def fpn_channels_rule(value: Any) -> str | None:
     return None if ok else "a positive multiple of 32"
 
 
+#: RetinaNet box losses that torchvision's regression head offers and that are offered here
+#: (defined here, not in ``models``, so that the config rules need no torch)
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
+#: how a local FPN uses a coarser lookahead map (``det.lookahead_fusion``), see ``local.LocalFPN``
+LOOKAHEAD_FUSIONS = ("replace", "add")
 #: the ``det`` keys that the local auxiliary networks read (``fba.tasks.detection.local``)
 LOCAL_KEYS = ("local_channels", "local_head_convs", "local_coarser", "local_finer", "local_min_stride",
               "local_zero_init", "lookahead_fusion")
@@ -79,10 +84,10 @@ class DetectionPlugin(TaskPlugin):
                        "lookahead_fusion": "replace",
                        "draw_score": 0.3}
     config_rules = {"anchor_sizes": anchor_sizes_rule, "fpn_channels": fpn_channels_rule,
-                    "box_loss": ("l1", "smooth_l1", "giou", "diou", "ciou"), "yolo_grid": optional_positive_int,
+                    "box_loss": BOX_LOSSES, "yolo_grid": optional_positive_int,
                     "local_channels": optional_positive_int, "local_head_convs": (1, 2, 3, 4), "local_coarser": boolean,
                     "local_finer": boolean, "local_min_stride": (None, 8, 16, 32), "local_zero_init": boolean,
-                    "lookahead_fusion": ("replace", "add"),
+                    "lookahead_fusion": LOOKAHEAD_FUSIONS,
                     "draw_score": unit_interval}
     # ``task=detection`` alone: RetinaNet-R18 on the built-in shapes at 128 px, K=4 by stage,
     # 1,800 steps of batch 8 (9 epochs of the 1,600 training images). These are the built-in
