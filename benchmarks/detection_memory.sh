@@ -39,8 +39,8 @@ for group in $GROUPS_WANTED; do
           run r101_k34 retinanet_resnet101 34 bp,dgl,fba ;;
     r152) run r152_k4 retinanet_resnet152 4 bp,bp_checkpoint,dgl,fba,fba+checkpoint
           run r152_k51 retinanet_resnet152 51 bp,dgl,fba ;;
-    r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 checkpoint=false ;;
-    yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,fba,fba+checkpoint det.local_min_stride=8 checkpoint=false ;;
+    r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,dgl,fba,fba+checkpoint=false det.local_min_stride=8 ;;
+    yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,dgl,fba,fba+checkpoint=false det.local_min_stride=8 ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done
