@@ -103,7 +103,7 @@ def test_methods_list_splits_rows_only_outside_brackets():
     assert _methods_arg("bp, fba+checkpoint=[0,1],fba+det.anchor_sizes=[[16],[32,40]]") == [
         "bp", "fba+checkpoint=[0,1]", "fba+det.anchor_sizes=[[16],[32,40]]"]
     assert runner.parse_method_spec(_methods_arg("fba+checkpoint=[0,2]")[0]) == ("fba", {"checkpoint": [0, 2]}, None)
-    for bad in ("fba+checkpoint=[0,1", ",", "fba]"):
+    for bad in ("fba+checkpoint=[0,1", ",", "fba]", "fba+checkpoint=0],[1"):
         with pytest.raises(fba.errors.ConfigError, match="--methods"):
             _methods_arg(bad)
 

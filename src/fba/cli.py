@@ -40,7 +40,9 @@ def _methods_arg(text: str) -> list[str]:
     methods, depth, start = [], 0, 0
     for i, char in enumerate(text + ","):
         depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
-        if char == "," and depth <= 0:
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
             methods.append(text[start:i].strip())
             start = i + 1
     if depth:

@@ -59,9 +59,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from fba.engine.chunked_bn import ChunkedConvBN
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
-from fba.tasks.detection.plugin import BOX_LOSSES
 from fba.tasks.classification.models import make_stage_block as _resnet_block
 from fba.tasks.classification.models import stage_blocks
+from fba.tasks.detection.plugin import BOX_LOSSES
 
 MODELS: Registry[Callable[..., UnitModel]] = Registry("model")
 
