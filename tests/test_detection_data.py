@@ -180,8 +180,8 @@ def test_coco_maps_category_ids_to_sorted_contiguous_labels_and_handles_crowd(tm
 @pytest.mark.parametrize("extra,overrides,raw,expected", [
     ([{"id": 77, "image_id": 7, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0}], None, None,
      ["annotation id 77", "b.jpg", "unknown category_id 5"]),
-    ([{"id": 78, "image_id": 7, "category_id": 1, "bbox": [1, 1, 5, 0], "iscrowd": 0}], None, None,
-     ["annotation id 78", "b.jpg", "no area"]),
+    ([{"id": 78, "image_id": 7, "category_id": 1, "bbox": [1, 1, 5, -2], "iscrowd": 0}], None, None,
+     ["annotation id 78", "b.jpg", "h=-2", "no area"]),
     ([{"id": 79, "image_id": 7, "category_id": 1, "bbox": [50, 10, 15, 5], "iscrowd": 0}], None, None,
      ["annotation id 79", "b.jpg", "outside the 60x50"]),
     ([{"id": 80, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0}], None, None,
@@ -203,6 +203,21 @@ def test_coco_bad_annotations_are_one_line_naming_file_and_object(tmp_path, extr
     assert "\n" not in message and (str(path) in message or str(tmp_path / "val2017") in message), message
     for part in expected:
         assert part in message, message
+
+
+def test_coco_zero_width_or_height_boxes_are_dropped_with_one_warning(tmp_path):
+    # COCO train2017 holds such lines (annotation 918: bbox [296.65, 388.33, 1.03, 0.0]); refusing
+    # them would refuse the dataset.
+    _coco(tmp_path, "train2017")
+    lines = [{"id": 918, "image_id": 7, "category_id": 1, "bbox": [2.5, 3.0, 1.03, 0.0], "iscrowd": 0},
+             {"id": 919, "image_id": 7, "category_id": 3, "bbox": [4, 4, 0, 6], "iscrowd": 0}]
+    path = _coco(tmp_path, "val2017", lines)
+    with pytest.warns(UserWarning) as caught:
+        _, test, _ = DATASETS.get("coco")(root=str(tmp_path), augment=False, image_size=None)
+    messages = [str(w.message) for w in caught if "zero-width" in str(w.message)]
+    assert len(messages) == 1 and str(path) in messages[0] and "dropped 2 " in messages[0]
+    assert "918" in messages[0] and "919" in messages[0]
+    assert test[1][1]["boxes"].tolist() == [[40.0, 5.0, 60.0, 15.0]]  # the image's real box stays
 
 
 def test_coco_unreadable_or_resized_image_fails_on_access_naming_it(tmp_path):

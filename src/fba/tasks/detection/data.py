@@ -48,7 +48,8 @@ Bad annotations raise :class:`~fba.errors.DataError` with one line naming the fi
 object: a box outside the image or with no area, an unknown class, malformed XML or JSON, a
 missing or unreadable image. COCO stores rounded floats, so a COCO box that overshoots the
 image by at most :data:`COCO_BORDER_TOLERANCE` pixels is clipped rather than refused; VOC
-coordinates are integers and are checked exactly.
+coordinates are integers and are checked exactly. A COCO box of zero width or height (a line
+or a point, as two of train2017's are) is dropped with a warning instead.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,7 +283,9 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
 
     Returns ``(records, category_ids, class_names)``: label ``i`` is ``category_ids[i]``, the
     ids in sorted order (or ``categories`` when given, so that a test split keeps the labels
-    of its training split). All annotations are kept, crowd ones flagged in ``iscrowd``.
+    of its training split). All annotations are kept, crowd ones flagged in ``iscrowd``,
+    except boxes of zero width or height (lines and points), which are dropped with one
+    warning per file; a negative size is an error.
     """
     path, image_dir = Path(annotation_file), Path(image_dir)
     data = _load_json(path)
@@ -305,6 +309,7 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
         info[image_id] = (file_name, height, width)
         order.append(image_id)
     objects: dict[int, tuple[list, list, list]] = {image_id: ([], [], []) for image_id in order}
+    zero_size: list[Any] = []
     for k, ann in enumerate(annotations):
         ann_id = ann.get("id", f"#{k + 1}") if isinstance(ann, dict) else f"#{k + 1}"
         where = f"{path}: annotation id {ann_id}"
@@ -321,6 +326,11 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
             raise DataError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
         x, y, w, h = (float(v) for v in bbox)
+        if (w == 0 or h == 0) and min(w, h) >= 0 and math.isfinite(x) and math.isfinite(y):
+            # A line or point: COCO train2017 itself holds two (annotation 918 is one), so refusing
+            # them would refuse COCO. Dropped, as torchvision's and mmdetection's loaders drop them.
+            zero_size.append(ann_id)
+            continue
         box = [x, y, x + w, y + h]
         if all(math.isfinite(v) for v in box) and w > 0 and h > 0:
             # Rounded floats and polygon-derived boxes may overshoot by a hair: clip those.
@@ -335,6 +345,10 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
         boxes.append(box)
         labels.append(label_of[category_id])
         crowds.append(bool(crowd))
+    if zero_size:
+        shown = ", ".join(map(str, zero_size[:5])) + (", ..." if len(zero_size) > 5 else "")
+        warnings.warn(f"{path}: dropped {len(zero_size)} annotation(s) with a zero-width or zero-height box "
+                      f"(ids {shown})", stacklevel=2)
     records = []
     for image_id in order:
         file_name, height, width = info[image_id]
