@@ -116,6 +116,22 @@ def test_bp_learner_trains_a_step(model):
 
 
 @pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
+@pytest.mark.parametrize("spoil, message", [
+    (lambda t: t[:1], "1 targets for a batch of 2 images"),  # YOLO used to train image 2 as background
+    (lambda t: [t[0], {**t[1], "labels": t[1]["labels"] + 3}], "labels must be 0-based class indices below 3"),
+    (lambda t: [t[0], {**t[1], "labels": t[1]["labels"] - 5}], "below 3, got -"),
+    (lambda t: [t[0], {**t[1], "labels": t[1]["labels"].float()}], "'labels' must be a"),
+    (lambda t: [t[0], {**t[1], "boxes": t[1]["boxes"][:, :3]}], "'boxes' must be a (M, 4) tensor"),
+])
+def test_train_step_refuses_bad_targets_with_one_line(model, spoil, message):
+    learner = fba.build_learner(**DET, model=model, method="fba", K=2, num_classes=3, num_samples=2)
+    images, targets = batch()
+    with pytest.raises(ValueError) as error:
+        learner.train_step(images, spoil(targets))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
 def test_fba_by_stage_trains_with_the_detection_slm(model):
     learner = fba.build_learner(**DET, model=model, method="fba", K=4, num_classes=3, num_samples=2)
     assert learner.K == 4 and len(learner.aux_nets) == 3
@@ -134,6 +150,24 @@ def test_K1_fba_equals_bp():
         assert one.train_step(images, targets)["loss"] == bp.train_step(images, targets)["loss"]
     for p, q in zip(one.plain.parameters(), bp.plain.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet18", "yolov1_resnet18"])
+def test_make_head_is_a_working_head_on_one_map(name):
+    """The UnitModel contract's fresh head, for methods that build their auxiliary nets from it."""
+    model = get_task("detection").build_model(resolve_config(None, ["task=detection", f"data.image_size={SIZE}",
+                                                                     f"model={name}"]), 3, 3)
+    images, targets = batch()
+    h = model.units[0](images)  # the stem records the image geometry the head reads
+    head = model.make_head(h.shape[1])
+    losses = head(h).losses(targets)
+    assert losses and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+    head.eval()
+    with torch.no_grad():
+        found = head(h)
+    assert len(found) == 2 and all(d["boxes"].shape[1:] == (4,) for d in found)
 
 
 def test_fpn_maps_from_earlier_modules_reach_the_head_detached():
@@ -365,6 +399,8 @@ def test_plugin_config_batch_and_metadata():
     assert cfg["train"]["epochs"] == 9  # the 20-minute budget on 2 cores (docs/detection.md, Results)
     with pytest.raises(fba.errors.ConfigError, match="det.anchor_sizes"):
         resolve_config(None, ["task=detection", "det.anchor_sizes=[1, 2]"])
+    with pytest.raises(fba.errors.ConfigError, match="at least 1 pixel"):  # would round to empty anchors
+        resolve_config(None, ["task=detection", "det.anchor_sizes=[0.5, 16, 32, 64, 128]"])
     with pytest.raises(fba.errors.ConfigError, match="det.fpn_channels.*multiple of 32"):
         resolve_config(None, ["task=detection", "det.fpn_channels=100"])
     with pytest.raises(fba.errors.ConfigError, match="det.lookahead_fusion"):

@@ -38,10 +38,11 @@ with one dict per image (tensors, numpy arrays or lists).
   define (it reports -1: no ground truth at all, or none in an area range) are ``nan``;
   ground truth without a single detection scores 0.0.
 - :func:`voc_ap` is the VOC devkit's per-class average precision, written from its
-  definition: detections of a class sorted by score, each matched greedily to the unmatched
-  ground-truth box of highest IoU (a match needs IoU >= the threshold, as in the MATLAB
-  devkit and COCO); a detection whose best box is "difficult" is ignored, a second
-  detection of a matched box is a false positive. AP is the 11-point interpolated
+  definition: detections of a class sorted by score, each compared with the ground-truth
+  box of highest IoU in its image, matched or not (a match needs IoU >= the threshold, as
+  in the MATLAB devkit and COCO); a detection whose best box is "difficult" is ignored, and
+  one whose best box is already matched is a false positive, even where another box it
+  overlaps enough is free (the devkit's rule). AP is the 11-point interpolated
   precision (VOC2007, the default) or the area under the interpolated precision-recall
   curve (VOC2010 and later). IoU uses continuous coordinates; with VOC boxes read as
   ``[xmin - 1, ymin - 1, xmax, ymax]`` this equals the devkit's "+1" pixel arithmetic.

@@ -62,6 +62,7 @@ from fba.registry import Registry
 from fba.tasks.classification.models import make_stage_block as _resnet_block
 from fba.tasks.classification.models import stage_blocks
 from fba.tasks.detection.plugin import BOX_LOSSES
+from fba.tasks.detection.task import Targets, targets_to
 
 MODELS: Registry[Callable[..., UnitModel]] = Registry("model")
 
@@ -74,8 +75,6 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)
 FPN_CHANNELS = 256
 #: the ResNet layers whose outputs feed the FPN (C3, C4, C5)
 FPN_LAYERS = (2, 3, 4)
-
-Targets = list[dict[str, Tensor]]
 
 
 # ---- anchors -----------------------------------------------------------------------------------
@@ -215,16 +214,39 @@ class PyramidTaps:
 
 
 
+def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
+    """Refuse, with one line, targets that the losses would misread: not one per image, a
+    ``boxes`` that is not ``(M, 4)``, ``labels`` not ``(M,)`` integers in ``0..num_classes-1``.
+
+    The dataset readers check their files; this guards ``learner.train_step`` called directly,
+    where a label out of range would be a raw indexing error (a device assert on CUDA) and a
+    missing target would silently train that image as background.
+    """
+    if len(targets) != batch_size:
+        raise ValueError(f"{len(targets)} targets for a batch of {batch_size} images")
+    for i, target in enumerate(targets):
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"target {i}: 'boxes' must be a (M, 4) tensor of xyxy pixels, got "
+                             f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
+        if (not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1] or labels.is_floating_point()
+                or labels.is_complex()):
+            raise ValueError(f"target {i}: 'labels' must be a ({len(boxes)},) integer tensor, got "
+                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}".rstrip())
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"target {i}: labels must be 0-based class indices below {num_classes}, got "
+                             f"{int(labels.min())}..{int(labels.max())}")
+
+
 def prepare_targets(targets: Targets, original_sizes: Sequence[tuple[int, int]],
-                    image_sizes: Sequence[tuple[int, int]], device: torch.device) -> Targets:
-    """Targets on ``device`` (the trainer may leave them on the CPU), their boxes mapped into
-    the transformed images as torchvision's transform maps them (a no-op when the transform
-    kept each image's size, as in training)."""
-    if len(targets) != len(image_sizes):
-        raise ValueError(f"{len(targets)} targets for a batch of {len(image_sizes)} images")
+                    image_sizes: Sequence[tuple[int, int]], device: torch.device, num_classes: int) -> Targets:
+    """Targets checked (:func:`check_targets`) and on ``device`` (the trainer may leave them on
+    the CPU), their boxes mapped into the transformed images as torchvision's transform maps
+    them (a no-op when the transform kept each image's size, as in training)."""
+    check_targets(targets, len(image_sizes), num_classes)
     out = []
-    for target, original, size in zip(targets, original_sizes, image_sizes):
-        target = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in target.items()}
+    for target, original, size in zip(targets_to(targets, device), original_sizes, image_sizes):
         if tuple(original) != tuple(size):
             target["boxes"] = resize_boxes(target["boxes"], list(original), list(size))
         out.append(target)
@@ -356,7 +378,8 @@ class RetinaNetOutputs(nn.Module):
         image_sizes, original_sizes = list(self.taps.image_sizes), list(self.taps.original_sizes)
 
         def compute(targets: Targets) -> dict[str, Tensor]:
-            targets = prepare_targets(targets, original_sizes, image_sizes, anchors[0].device)
+            targets = prepare_targets(targets, original_sizes, image_sizes, anchors[0].device,
+                                      net.head.classification_head.num_classes)
             return retinanet_loss(net, targets, head_outputs, anchors)
 
         # The mode of the shared head, not of this wrapper: the plain model and the units' view
@@ -506,6 +529,11 @@ class YOLOv1Head(nn.Module):
     def decode(self, grid: Tensor, image_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         """``grid`` ``(N, S, S, 5B + C)`` -> boxes ``(N, S, S, B, 4)`` xyxy pixels, confidences
         ``(N, S, S, B)`` and class probabilities ``(N, S, S, C)``."""
+        return self._decode(grid, image_size)[:3]
+
+    def _decode(self, grid: Tensor, image_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`decode` and the sigmoid box outputs ``(N, S, S, B, 5)`` it came from (the loss
+        regresses those)."""
         S, B = self.grid_size, self.num_boxes
         height, width = image_size
         boxes = torch.sigmoid(grid[..., : 5 * B].float().unflatten(-1, (B, 5)))
@@ -514,7 +542,7 @@ class YOLOv1Head(nn.Module):
         cx, cy = (cols + boxes[..., 0]) / S * width, (rows + boxes[..., 1]) / S * height
         w, h = boxes[..., 2] * width, boxes[..., 3] * height
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-        return xyxy, boxes[..., 4], torch.softmax(grid[..., 5 * B:].float(), dim=-1)
+        return xyxy, boxes[..., 4], torch.softmax(grid[..., 5 * B:].float(), dim=-1), boxes
 
     def compute_loss(self, grid: Tensor, targets: Targets, image_size: Sequence[int]) -> dict[str, Tensor]:
         """YOLOv1's sum-squared loss, summed over cells and divided by the batch size.
@@ -532,9 +560,9 @@ class YOLOv1Head(nn.Module):
         - ``classification``: sum over cells with an object of sum over classes (p - 1[class])^2.
         """
         N, S, B = grid.shape[0], self.grid_size, self.num_boxes
+        check_targets(targets, N, self.num_classes)
         height, width = image_size
-        pred_xyxy, conf, probs = self.decode(grid, image_size)
-        raw = torch.sigmoid(grid[..., : 5 * B].float().unflatten(-1, (B, 5)))
+        pred_xyxy, conf, probs, raw = self._decode(grid, image_size)
         zero = grid.new_zeros((), dtype=torch.float32)
         coord, obj, cls = zero, zero, zero
         responsible = torch.zeros_like(conf, dtype=torch.bool)

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 
 
 def anchor_sizes_rule(value: Any) -> str | None:
-    """``det.anchor_sizes``: null (scaled to the image size) or five positive base sizes."""
+    """``det.anchor_sizes``: null (scaled to the image size) or five base sizes of at least one
+    pixel (the anchors are whole pixels: a smaller size would round to an empty anchor)."""
     ok = value is None or (isinstance(value, (list, tuple)) and len(value) == 5 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value))
-    return None if ok else "null or a list of 5 positive anchor sizes (P3..P7)"
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in value))
+    return None if ok else "null or a list of 5 anchor sizes (P3..P7) of at least 1 pixel"
 
 
 def fpn_channels_rule(value: Any) -> str | None:
