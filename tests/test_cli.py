@@ -97,6 +97,22 @@ def test_list(capsys):
     assert code == 0 and "resnet32" in out and "bp_checkpoint" in out and "patches" in out
 
 
+def test_warnings_print_as_one_line_and_the_handler_is_restored(capsys, monkeypatch):
+    import warnings
+
+    import fba.cli
+
+    def list_with_a_warning(args):
+        warnings.warn("dropped 2 annotation(s) with a zero-width or zero-height box (ids 918, 919)")
+        return 0
+
+    monkeypatch.setattr(fba.cli, "cmd_list", list_with_a_warning)
+    before = warnings.showwarning
+    code, _, err = run_cli(capsys, "list")
+    assert code == 0 and err == "fba: warning: dropped 2 annotation(s) with a zero-width or zero-height box (ids 918, 919)\n"
+    assert warnings.showwarning is before
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "K=0"], "K=0 is impossible for a backbone of 16 units: choose K in 1..16"),
     (["train", "K=17"], "choose K in 1..16"),

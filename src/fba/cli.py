@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -355,7 +356,19 @@ def _check_bench_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-samples ({args.num_samples}) must be at least --batch-size ({args.batch_size})")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    # One line a user can read ("fba: warning: ..."), not the source line that raised it.
+    print(f"fba: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the caller's handler (tests call main in-process)
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from fba.errors import FBAError
 
     parser = build_parser()
