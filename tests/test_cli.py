@@ -182,6 +182,36 @@ def test_torn_checkpoint_is_detected(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_save_torn_between_weights_and_state_resumes_from_the_previous_pair(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from fba.training import checkpoint
+    from fba.training.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, {"model.w": torch.ones(2)}, {"rows": [1]}, epoch=1)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops after the weights, before the state
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, {"model.w": torch.full((2,), 2.0)}, {"rows": [1, 2]}, epoch=2)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="stopped while saving epoch 2; using the complete checkpoint of epoch 1"):
+        weights, state = load_checkpoint(tmp_path)
+    assert weights["model.w"].tolist() == [1.0, 1.0] and state["epoch"] == 1 and state["rows"] == [1]
+    # A complete save makes the pair consistent again, and files get the umask's permissions.
+    save_checkpoint(tmp_path, {"model.w": torch.full((2,), 3.0)}, {"rows": [1, 2]}, epoch=2)
+    weights, state = load_checkpoint(tmp_path)
+    assert weights["model.w"].tolist() == [3.0, 3.0] and state["epoch"] == 2
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("last.safetensors", "last_state.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors", "last_state.pt", "prev.safetensors"]
+
+
 def test_console_script_exits_nonzero_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "fba.cli", "train", "K=0"], capture_output=True, text=True)
     assert proc.returncode == 2

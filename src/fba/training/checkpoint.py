@@ -1,4 +1,10 @@
-"""Atomic checkpoints: safetensors weights plus a torch-saved resumable training state."""
+"""Atomic checkpoints: safetensors weights plus a torch-saved resumable training state.
+
+Each file is replaced atomically, and the pair is kept consistent across a crash between the
+two writes: the weights they replace stay as ``prev.safetensors`` (a hard link, no copy where
+the file system allows one) until the new state is written, and a load that finds new weights
+beside the old state resumes from that previous pair.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +21,64 @@ from fba.errors import DataError, FBAError
 
 WEIGHTS = "last.safetensors"
 STATE = "last_state.pt"
+#: the weights that the last save replaced, kept until its training state was written too
+PREVIOUS_WEIGHTS = "prev.safetensors"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write via a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    The file gets the permissions a plain ``open`` would give it (``mkstemp``'s are owner-only).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _keep_previous(path: Path, keep: Path) -> None:
+    """Make ``keep`` the file ``path`` is now (a hard link, else a copy), atomically."""
+    if not path.is_file():
+        return
+    tmp = keep.with_name(f".{keep.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links on this file system
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, keep)
 
 
 DATA_FACTS = "data_facts"
@@ -37,7 +86,9 @@ DATA_FACTS = "data_facts"
 
 def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], epoch: int,
                     data_facts: dict[str, Any] | None = None) -> None:
-    """Write weights, then state; both carry the epoch so a torn pair is detected on load.
+    """Write weights, then state; both carry the epoch so a torn pair is detected on load,
+    and the replaced weights stay as ``prev.safetensors`` for :func:`load_checkpoint` to fall
+    back on.
 
     ``data_facts`` (``in_channels``, ``num_classes``, ...) are the shape facts the model was
     built from. They go into the weights' metadata, so that exporting or evaluating the run
@@ -49,19 +100,34 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[
     metadata = {"epoch": str(epoch)}
     if data_facts:
         metadata[DATA_FACTS] = json.dumps(data_facts)
+    _keep_previous(folder / WEIGHTS, folder / PREVIOUS_WEIGHTS)
     atomic_write(folder / WEIGHTS, lambda p: save_file({k: v.cpu() for k, v in weights.items()}, p, metadata=metadata))
     atomic_write(folder / STATE, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and training state of a run, checked to come from the same epoch."""
+    """Weights and training state of a run, checked to come from the same epoch.
+
+    Where the run stopped between writing a save's weights and its state, the weights that
+    save replaced (``prev.safetensors``) match the state, and the pair they make is returned,
+    with a warning: the run resumes from the epoch before.
+    """
+    import warnings
+
     weights, metadata = _read_safetensors(folder / WEIGHTS)
     state = load_state(folder / STATE)
     weights_epoch = metadata.get("epoch")
-    if weights_epoch != str(state.get("epoch")):
-        raise DataError(f"checkpoint in {str(folder)!r} is inconsistent: weights from epoch {weights_epoch}, "
-                        f"training state from epoch {state.get('epoch')} (the run stopped while saving)")
-    return weights, state
+    if weights_epoch == str(state.get("epoch")):
+        return weights, state
+    previous = folder / PREVIOUS_WEIGHTS
+    if previous.is_file():
+        earlier, earlier_metadata = _read_safetensors(previous)
+        if earlier_metadata.get("epoch") == str(state.get("epoch")):
+            warnings.warn(f"{folder}: the run stopped while saving epoch {weights_epoch}; using the complete "
+                          f"checkpoint of epoch {state.get('epoch')} ({PREVIOUS_WEIGHTS} and {STATE})", stacklevel=2)
+            return earlier, state
+    raise DataError(f"checkpoint in {str(folder)!r} is inconsistent: weights from epoch {weights_epoch}, "
+                    f"training state from epoch {state.get('epoch')} (the run stopped while saving)")
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
