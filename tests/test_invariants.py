@@ -226,6 +226,16 @@ def test_paper_preset_fuses_the_longterm_bank_into_a_full_stage_tail_slm():
     assert learner.aux_nets[0].block.conv1.stride == (1, 1)
 
 
+@pytest.mark.parametrize("extra", [{"fba.input_pool": 2}, {"fba.bank.source": "inpass"}])
+def test_paper_preset_refuses_a_key_set_against_it(extra):
+    # It used to win silently, while the saved config showed the user's value.
+    with pytest.raises(FBAError, match="fba.preset=paper sets .* but the config sets it to"):
+        fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, **{"fba.preset": "paper", **extra})
+    # The preset's own value, or a key left at its default, is no conflict.
+    fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10, num_samples=8,
+                      **{"fba.preset": "paper", "fba.input_pool": 1, "fba.reduction": 1})
+
+
 def test_default_slm_pools_its_input_and_ends_in_a_grid_mlp_head():
     learner = fba.build_learner(model="resnet8", method="fba", K=4, num_classes=10)
     aux = learner.aux_nets[0]

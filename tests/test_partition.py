@@ -49,3 +49,10 @@ def test_bad_cuts(cuts):
 def test_stage_mode_needs_K_equal_stages():
     with pytest.raises(ConfigError, match="3 stages"):
         partition_units(specs("resnet32"), 4, "stage")
+
+
+@pytest.mark.parametrize("mode", ["count", "stage"])
+def test_cuts_with_another_mode_are_refused(mode):
+    # They used to be ignored: K=2, partition=count, cuts=[1] split [[0, 1], [2, 3]].
+    with pytest.raises(ConfigError, match=f"only with partition=cuts or auto, not partition={mode}"):
+        partition_units(specs("resnet8"), 2 if mode == "count" else 3, mode, [1])

@@ -353,16 +353,23 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def task_default_config(task: str) -> dict[str, Any]:
+    """Every key at its default for ``task``: the defaults, then the task's own (a fresh copy)."""
+    config = default_config()
+    for key, value in flatten(_schema().task_defaults.get(task, {})).items():
+        set_dotted(config, key, value)
+    return config
+
+
 def resolve_config(source: str | Path | Mapping[str, Any] | None = None, overrides: list[str] | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults <- the task's defaults <- YAML file or dict <- overrides, validated."""
-    config = default_config()
     if isinstance(source, (str, Path)):
         source = load_yaml(source)
     source_items = list(flatten(source or {}).items())
     override_items = list(overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides or []))
-    task = next((value for key, value in reversed(source_items + override_items) if key == "task"), config["task"])
-    for key, value in flatten(_schema().task_defaults.get(task, {})).items():
-        set_dotted(config, key, value)
+    task = next((value for key, value in reversed(source_items + override_items) if key == "task"),
+                _schema().defaults["task"])
+    config = task_default_config(task)
     for key, value in source_items + override_items:
         set_dotted(config, key, value)
     return validate(config)

@@ -19,4 +19,5 @@ class DataError(FBAError):
 
 
 class NonFiniteLossError(FBAError, FloatingPointError):
-    """A local loss became NaN or infinite."""
+    """A local loss became NaN or infinite; the step it stopped is left half done (see
+    ``Learner.train_step``), so training goes on only from a reloaded checkpoint."""

@@ -93,9 +93,6 @@ class FeatureBank:
     def needs_lookahead(self) -> bool:
         return self.source == "lookahead"
 
-    def read_channels(self, k: int) -> int:
-        return bank_read_channels(self.source, self.module_channels, self.module_stages, k)
-
     # ---- one training step ----------------------------------------------------------------
     def begin_step(self, indices: Tensor | None) -> None:
         self._step.clear()

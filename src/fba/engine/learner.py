@@ -105,9 +105,10 @@ class LocalLearner(nn.Module):
         bank: the feature bank, or None.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 uses a grad scaler on CUDA).
         aux_lr_scale: the auxiliary networks' learning rate as a multiple of the backbone's.
-            Other than 1, each optimizer gets two parameter groups, ``{"params": ...}`` and
-            ``{"params": ..., "lr_scale": aux_lr_scale}``, which ``make_optimizer`` must honour
-            (:func:`fba.build.optimizer_factory` does).
+            Other than 1, each optimizer that has auxiliary parameters gets two parameter
+            groups, ``{"params": ...}`` and ``{"params": ..., "lr_scale": aux_lr_scale}``, which
+            ``make_optimizer`` must honour (:func:`fba.build.optimizer_factory` does); one
+            without (the last module's, stepped per module) gets the first only.
     """
 
     def __init__(
@@ -208,6 +209,13 @@ class LocalLearner(nn.Module):
 
         Returns:
             ``{"loss": last module's task loss, "loss/k": each module's loss, "lr": lr}``.
+
+        Raises:
+            NonFiniteLossError: a module's loss is NaN or infinite. The step stops there, half
+                done: with per-module stepping the modules before it have stepped (their
+                schedulers and ``global_step`` have not), and BatchNorm statistics have seen
+                the batch in either mode. Reload a checkpoint before training on (``fba
+                train`` stops and keeps its last one).
         """
         return self.train_modules(range(self.K), inputs, inputs, targets, indices).losses
 
@@ -252,7 +260,8 @@ class LocalLearner(nn.Module):
                 self.optimizers[k].zero_grad(set_to_none=True)
             h = detached(h)
         if not per_module:
-            # One host sync per step instead of one per module; no parameter has moved yet.
+            # One host sync per step instead of one per module; no parameter has moved yet
+            # (BatchNorm running statistics have seen the batch).
             self._raise_if_not_finite(losses)
             self._step(self.optimizers[0])
         if self.scaler is not None:

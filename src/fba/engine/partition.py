@@ -46,6 +46,9 @@ def partition_units(
             mode = "count"
     if mode == "cuts":
         return _by_cuts(n, list(cuts or []), K)
+    if cuts:
+        raise ConfigError(f"cuts={list(cuts)} are read only with partition=cuts or auto, not partition={mode}; "
+                          "drop one of the two")
     if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= n:
         raise ConfigError(f"K={K!r} is impossible for a backbone of {n} units: choose K in 1..{n}")
     if mode == "stage":

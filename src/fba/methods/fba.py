@@ -74,6 +74,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: where each preset entry lives in the config
+PRESET_KEYS = {"reduction": "fba.reduction", "block_stride": "fba.block_stride", "head_grid": "fba.head_grid",
+               "head_hidden": "fba.head_hidden", "input_pool": "fba.input_pool", "bank_source": "fba.bank.source",
+               "bank_usage": "fba.bank.usage"}
+
+
+def _check_preset_agrees(config: Mapping[str, Any], name: str, preset: Mapping[str, Any]) -> None:
+    """Refuse a key that the config sets away from its default to a value the preset overrides:
+    the run would silently use the preset's, and its saved config would show the other."""
+    from fba.config import task_default_config
+    from fba.errors import ConfigError
+
+    defaults = task_default_config(config["task"])
+    for entry, value in preset.items():
+        section, *path = PRESET_KEYS[entry].split(".")
+        given, default = config[section], defaults[section]
+        for part in path:
+            given, default = given[part], default[part]
+        if given != value and given != default:
+            raise ConfigError(f"fba.preset={name} sets {PRESET_KEYS[entry]}={value!r}, but the config sets it to "
+                              f"{given!r}; drop one of the two")
+
+
 class SimpleLocalModule(nn.Module):
     """Stage-tail block, optional bank fusion, task head.
 
@@ -123,7 +146,7 @@ class FBA(LocalMethod):
         block_stride: stride of the SLM block's first convolution (1 keeps the module's resolution).
         input_pool: average-pool the module's output by this factor before the SLM block.
         head_grid: pool the SLM's map to this grid and fold it into channels before the head.
-        head_hidden: hidden ``[linear, BN, ReLU]`` layers on the folded vector before the head.
+        head_hidden: hidden ``[1x1 conv, BN, ReLU]`` layers on the folded vector before the head.
         share_head: use the main head's parameters in every SLM instead of copies.
         bank_source: one of ``none``, ``inpass``, ``longterm``, ``lookahead``.
         bank_usage: ``input`` (fused into the SLM) or ``target`` (a feature-matching loss).
@@ -173,7 +196,9 @@ class FBA(LocalMethod):
                       bank_storage=bank["storage"], bank_dtype=bank["dtype"], block_stride=opts["block_stride"],
                       head_grid=opts["head_grid"], head_hidden=opts["head_hidden"], input_pool=opts["input_pool"])
         if opts["preset"] is not None:
-            kwargs.update(PRESETS[opts["preset"]])
+            preset = PRESETS[opts["preset"]]
+            _check_preset_agrees(config, opts["preset"], preset)
+            kwargs.update(preset)
         return cls(**kwargs)
 
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:

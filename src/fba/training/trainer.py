@@ -18,7 +18,6 @@ from fba.config import dump_yaml, load_yaml, resolve_config
 from fba.distributed import barrier, device_for, distribute, setup_from_env
 from fba.errors import FBAError, NonFiniteLossError
 from fba.tasks import get_task
-from fba.tasks import get_task
 from fba.training.checkpoint import STATE, WEIGHTS, checkpoint_must_fit, load_checkpoint, save_checkpoint
 from fba.training.records import RunRecords
 
