@@ -122,6 +122,7 @@ def test_bp_learner_trains_a_step(model):
     (lambda t: [t[0], {**t[1], "labels": t[1]["labels"] - 5}], "below 3, got -"),
     (lambda t: [t[0], {**t[1], "labels": t[1]["labels"].float()}], "'labels' must be a"),
     (lambda t: [t[0], {**t[1], "boxes": t[1]["boxes"][:, :3]}], "'boxes' must be a (M, 4) tensor"),
+    (lambda t: [t[0], (t[1]["boxes"], t[1]["labels"])], "target 1 must be a dict"),
 ])
 def test_train_step_refuses_bad_targets_with_one_line(model, spoil, message):
     learner = fba.build_learner(**DET, model=model, method="fba", K=2, num_classes=3, num_samples=2)

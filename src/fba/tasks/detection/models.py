@@ -213,7 +213,6 @@ class PyramidTaps:
         return ImageList(stand_in, list(self.image_sizes))
 
 
-
 def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
     """Refuse, with one line, targets that the losses would misread: not one per image, a
     ``boxes`` that is not ``(M, 4)``, ``labels`` not ``(M,)`` integers in ``0..num_classes-1``.
@@ -225,6 +224,8 @@ def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
     if len(targets) != batch_size:
         raise ValueError(f"{len(targets)} targets for a batch of {batch_size} images")
     for i, target in enumerate(targets):
+        if not isinstance(target, dict):
+            raise ValueError(f"target {i} must be a dict with 'boxes' and 'labels', got {type(target).__name__}")
         boxes, labels = target.get("boxes"), target.get("labels")
         if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
             raise ValueError(f"target {i}: 'boxes' must be a (M, 4) tensor of xyxy pixels, got "
