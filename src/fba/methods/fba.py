@@ -74,27 +74,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-#: where each preset entry lives in the config
-PRESET_KEYS = {"reduction": "fba.reduction", "block_stride": "fba.block_stride", "head_grid": "fba.head_grid",
-               "head_hidden": "fba.head_hidden", "input_pool": "fba.input_pool", "bank_source": "fba.bank.source",
-               "bank_usage": "fba.bank.usage"}
+#: the config key of each constructor argument (presets name arguments too)
+CONFIG_KEYS = {"reduction": "fba.reduction", "share_head": "fba.share_head", "block_stride": "fba.block_stride",
+               "head_grid": "fba.head_grid", "head_hidden": "fba.head_hidden", "input_pool": "fba.input_pool",
+               "bank_source": "fba.bank.source", "bank_usage": "fba.bank.usage", "fusion": "fba.bank.fusion",
+               "target_weight": "fba.bank.target_weight", "bank_storage": "fba.bank.storage",
+               "bank_dtype": "fba.bank.dtype"}
 
 
-def _check_preset_agrees(config: Mapping[str, Any], name: str, preset: Mapping[str, Any]) -> None:
-    """Refuse a key that the config sets away from its default to a value the preset overrides:
-    the run would silently use the preset's, and its saved config would show the other."""
-    from fba.config import task_default_config
+def _check_preset_agrees(given: Mapping[str, Any], task: str, name: str, preset: Mapping[str, Any]) -> None:
+    """Refuse a key that the config (``given``, flattened) sets away from its default to a value
+    the preset overrides: the run would silently use the preset's, and its saved config would
+    show the other."""
+    from fba.config import flatten, task_default_config
     from fba.errors import ConfigError
 
-    defaults = task_default_config(config["task"])
-    for entry, value in preset.items():
-        section, *path = PRESET_KEYS[entry].split(".")
-        given, default = config[section], defaults[section]
-        for part in path:
-            given, default = given[part], default[part]
-        if given != value and given != default:
-            raise ConfigError(f"fba.preset={name} sets {PRESET_KEYS[entry]}={value!r}, but the config sets it to "
-                              f"{given!r}; drop one of the two")
+    defaults = flatten(task_default_config(task))
+    for argument, value in preset.items():
+        key = CONFIG_KEYS[argument]
+        if given[key] != value and given[key] != defaults[key]:
+            raise ConfigError(f"fba.preset={name} sets {key}={value!r}, but the config sets it to "
+                              f"{given[key]!r}; drop one of the two")
 
 
 class SimpleLocalModule(nn.Module):
@@ -190,15 +190,14 @@ class FBA(LocalMethod):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FBA":
-        opts, bank = config["fba"], config["fba"]["bank"]
-        kwargs = dict(reduction=opts["reduction"], share_head=opts["share_head"], bank_source=bank["source"],
-                      bank_usage=bank["usage"], fusion=bank["fusion"], target_weight=bank["target_weight"],
-                      bank_storage=bank["storage"], bank_dtype=bank["dtype"], block_stride=opts["block_stride"],
-                      head_grid=opts["head_grid"], head_hidden=opts["head_hidden"], input_pool=opts["input_pool"])
-        if opts["preset"] is not None:
-            preset = PRESETS[opts["preset"]]
-            _check_preset_agrees(config, opts["preset"], preset)
-            kwargs.update(preset)
+        from fba.config import flatten
+
+        given = flatten(config)
+        kwargs = {argument: given[key] for argument, key in CONFIG_KEYS.items()}
+        name = given["fba.preset"]
+        if name is not None:
+            _check_preset_agrees(given, config["task"], name, PRESETS[name])
+            kwargs.update(PRESETS[name])
         return cls(**kwargs)
 
     def build_bank(self, ctx: BuildContext) -> FeatureBank | None:
