@@ -326,7 +326,7 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
             raise DataError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
         x, y, w, h = (float(v) for v in bbox)
-        if (w == 0 or h == 0) and min(w, h) >= 0 and math.isfinite(x) and math.isfinite(y):
+        if (w == 0 or h == 0) and w >= 0 and h >= 0 and all(math.isfinite(v) for v in (x, y, w, h)):
             # A line or point: COCO train2017 itself holds two (annotation 918 is one), so refusing
             # them would refuse COCO. Dropped, as torchvision's and mmdetection's loaders drop them.
             zero_size.append(ann_id)

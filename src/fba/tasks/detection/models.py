@@ -235,6 +235,16 @@ def check_targets(targets: Targets, batch_size: int, num_classes: int) -> None:
             raise ValueError(f"target {i}: 'labels' must be a ({len(boxes)},) integer tensor, got "
                              f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
                              f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}".rstrip())
+    # The range of all images' labels at once: one host sync per loss call, not two per image
+    # (every module's loss of a step calls this).
+    present = [t["labels"] for t in targets if t["labels"].numel()]
+    if not present:
+        return
+    low, high = torch.stack(torch.aminmax(torch.cat(present))).tolist()
+    if low >= 0 and high < num_classes:
+        return
+    for i, target in enumerate(targets):
+        labels = target["labels"]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"target {i}: labels must be 0-based class indices below {num_classes}, got "
                              f"{int(labels.min())}..{int(labels.max())}")
