@@ -182,6 +182,8 @@ def test_coco_maps_category_ids_to_sorted_contiguous_labels_and_handles_crowd(tm
      ["annotation id 77", "b.jpg", "unknown category_id 5"]),
     ([{"id": 78, "image_id": 7, "category_id": 1, "bbox": [1, 1, 5, -2], "iscrowd": 0}], None, None,
      ["annotation id 78", "b.jpg", "h=-2", "no area"]),
+    ([{"id": 82, "image_id": 7, "category_id": 1, "bbox": [1, 1, 0, float("nan")], "iscrowd": 0}], None, None,
+     ["annotation id 82", "not finite"]),  # a zero width does not make it a droppable line
     ([{"id": 79, "image_id": 7, "category_id": 1, "bbox": [50, 10, 15, 5], "iscrowd": 0}], None, None,
      ["annotation id 79", "b.jpg", "outside the 60x50"]),
     ([{"id": 80, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0}], None, None,
