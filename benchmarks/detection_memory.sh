@@ -5,7 +5,8 @@
 #   cpu: the deterministic CPU tracker (slow: about 2 min per R34 row on 2 cores);
 #   cuda: torch.cuda.max_memory_allocated.
 #   GROUP: r34, yolo34, r34_k17, yolo34_k17, r50, r101, r152 (default: all of them), and
-#   r34_light, yolo34_light: K=4 with det.local_min_stride=8 (module 0's SLM at stride 8).
+#   r34_light, yolo34_light: K=4 with det.local_min_stride=8 (module 0's SLM at stride 8);
+#   r34_balanced, yolo34_balanced: K=4 by stage beside partition=balanced.
 # Detection's defaults hold: local methods checkpoint module 0 (checkpoint=[0]); the rows
 # METHOD+checkpoint=false show them without it, METHOD+checkpoint with every module checkpointed.
 # The paper's recipe at this shape is set explicitly, whatever the built-in run's defaults: its
@@ -41,6 +42,10 @@ for group in $GROUPS_WANTED; do
           run r152_k51 retinanet_resnet152 51 bp,dgl,fba ;;
     r34_light) run r34_k4_min_stride8 retinanet_resnet34 4 bp,dgl,fba,fba+checkpoint=false det.local_min_stride=8 ;;
     yolo34_light) run yolo34_k4_min_stride8 yolov1_resnet34 4 bp,dgl,fba,fba+checkpoint=false det.local_min_stride=8 ;;
+    r34_balanced) run r34_k4_balanced retinanet_resnet34 4 \
+        bp,dgl,dgl+partition=balanced,fba,fba+partition=balanced,fba+checkpoint=false,fba+partition=balanced+checkpoint=false ;;
+    yolo34_balanced) run yolo34_k4_balanced yolov1_resnet34 4 \
+        bp,dgl,dgl+partition=balanced,fba,fba+partition=balanced,fba+checkpoint=false,fba+partition=balanced+checkpoint=false ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done

@@ -42,6 +42,17 @@ def test_train_json_and_run_folder(capsys, tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_with_the_balanced_partition_prints_cuts_that_pin_it(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", *FAST, "K=2", "partition=balanced", "train.epochs=1",
+                             f"train.runs_dir={tmp_path}", "train.name=balanced")
+    assert code == 0, err
+    line = next(text for text in (out + err).splitlines() if text.startswith("partition=balanced"))
+    cuts = line.split("cuts=")[1].split(" ")[0]
+    code, out, err = run_cli(capsys, "train", *FAST, "K=2", "partition=cuts", f"cuts={cuts}", "train.epochs=1",
+                             f"train.runs_dir={tmp_path}", "train.name=pinned")
+    assert code == 0, err
+
+
 def test_metrics_hold_each_modules_local_loss(trained_run):
     """K=4: one mean local loss per module and epoch; the last module's is the train loss."""
     rows = json.loads((trained_run / "metrics.json").read_text())

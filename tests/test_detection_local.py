@@ -1,6 +1,7 @@
 """FBA's detection SLMs and bank, and DGL's FPN aux: the DESIGN section 1 invariants for detection."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -332,3 +333,26 @@ def test_min_stride_slm_coarsens_fine_maps_before_its_block_and_stays_isolated(m
     assert isinstance(stride_reduction(64, 8, 8)[0], torch.nn.Identity)
     with pytest.raises(FBAError):
         learner(**{"det.local_min_stride": 12})
+
+
+# ---- partition=balanced on a detector ------------------------------------------------------------
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
+def test_balanced_partition_costs_the_chunked_stem_of_the_checkpointed_module_0(model):
+    from fba.build import measure_partition_costs
+
+    net = learner(model=model, method="dgl", partition="balanced")
+    cfg = net.config
+    assert cfg["checkpoint"] == [0] and cfg["checkpoint_chunks"] == 4  # detection's defaults
+    costs = measure_partition_costs(cfg, 9, 3, 3, None, torch.device("cpu"))
+    assert costs.recompute_chunks == [4] + [1] * 8  # the conv-BatchNorm stem runs in chunks
+    assert costs.module_bytes(0, 2, checkpointed=True) < costs.module_bytes(0, 2)
+    groups = net.groups
+    assert len(groups) == 4 and [i for g in groups for i in g] == list(range(9))
+    # module 0 is costed as checkpointed: no other partition has a smaller largest module
+    def largest(partition):
+        return max(costs.module_bytes(g[0], g[-1], k == 0) for k, g in enumerate(partition))
+
+    best = min(largest([list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, 9))])
+               for cuts in itertools.combinations(range(1, 9), 3))
+    assert largest(groups) == best
+

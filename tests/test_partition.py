@@ -1,5 +1,9 @@
-import pytest
+import itertools
 
+import pytest
+import torch
+
+from fba.engine.balance import UnitActivationBytes, memory_balanced_groups
 from fba.engine.partition import partition_units
 from fba.errors import ConfigError
 from fba.tasks.classification.models import MODELS
@@ -56,3 +60,85 @@ def test_cuts_with_another_mode_are_refused(mode):
     # They used to be ignored: K=2, partition=count, cuts=[1] split [[0, 1], [2, 3]].
     with pytest.raises(ConfigError, match=f"only with partition=cuts or auto, not partition={mode}"):
         partition_units(specs("resnet8"), 2 if mode == "count" else 3, mode, [1])
+
+
+# ---- partition=balanced ---------------------------------------------------------------------
+
+
+def _all_partitions(n, K):
+    for cuts in itertools.combinations(range(1, n), K - 1):
+        bounds = [0, *cuts, n]
+        yield [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def _largest(costs, groups, checkpointed=frozenset()):
+    return max(costs.module_bytes(g[0], g[-1], k in checkpointed) for k, g in enumerate(groups))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_groups_minimise_the_largest_module(seed):
+    rng = torch.Generator().manual_seed(seed)
+    n = 9
+    costs = UnitActivationBytes(*[torch.randint(1, 1000, (n,), generator=rng).tolist() for _ in range(4)])
+    for K in range(1, n + 1):
+        for checkpointed in (frozenset(), frozenset({0}), frozenset(range(K))):
+            groups = memory_balanced_groups(costs, K, checkpointed)
+            assert len(groups) == K and [i for g in groups for i in g] == list(range(n))
+            best = min(_largest(costs, p, checkpointed) for p in _all_partitions(n, K))
+            assert _largest(costs, groups, checkpointed) == best
+
+
+def test_balanced_groups_move_cuts_towards_the_heavy_units():
+    # Units 0-1 are ten times heavier than the rest: a count split would pair them.
+    costs = UnitActivationBytes(input=[0] * 6, unit=[10, 10, 1, 1, 1, 1], output=[0] * 6, loss_net=[0] * 6)
+    assert memory_balanced_groups(costs, 2) == [[0], [1, 2, 3, 4, 5]]
+    # checkpointed, module 0 holds one unit's activations at a time: it can take both
+    assert memory_balanced_groups(costs, 2, frozenset({0})) == [[0, 1], [2, 3, 4, 5]]
+
+
+def test_balanced_partition_of_a_learner_is_the_best_by_its_measured_costs():
+    from fba.build import build_learner, measure_partition_costs, resolve_device
+
+    kwargs = dict(model="resnet8", method="dgl", K=2, num_classes=4, **{"data.image_size": 16})
+    balanced = build_learner(partition="balanced", **kwargs)
+    cfg = balanced.config
+    costs = measure_partition_costs(cfg, 4, 4, 3, None, resolve_device("cpu"))
+    assert all(value > 0 for value in costs.unit) and all(value > 0 for value in costs.loss_net)
+    assert _largest(costs, balanced.groups) == min(_largest(costs, p) for p in _all_partitions(4, 2))
+    # the probe draws from its own RNG stream: the same initial backbone as any partition
+    counted = build_learner(partition="count", **kwargs)
+    for a, b in zip(balanced.plain.state_dict().values(), counted.plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_measured_unit_bytes_scale_with_the_image_area():
+    from fba.build import build_learner, measure_partition_costs, resolve_device
+
+    learner = build_learner(model="resnet8", method="fba", K=2, num_classes=4)
+    small = measure_partition_costs({**learner.config, "data": {**learner.config["data"], "image_size": 32}},
+                                    4, 4, 3, None, resolve_device("cpu"))
+    large = measure_partition_costs({**learner.config, "data": {**learner.config["data"], "image_size": 64}},
+                                    4, 4, 3, None, resolve_device("cpu"))
+    # up to BatchNorm's per-channel statistics, which do not grow with the image (nor do the
+    # pooled heads of classification's auxiliary networks: the probe size matters there)
+    for a, b in zip(small.unit + small.input, large.unit + large.input):
+        assert b == pytest.approx(4 * a, rel=0.02)
+
+
+def test_balanced_partition_of_one_or_every_unit_needs_no_costs():
+    s = specs("resnet8")
+    assert partition_units(s, 1, "balanced") == [[0, 1, 2, 3]]
+    assert partition_units(s, 4, "balanced") == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="measured costs"):
+        partition_units(s, 2, "balanced")
+    with pytest.raises(ConfigError, match="choose K in 1..4"):
+        partition_units(s, 5, "balanced")
+
+
+@pytest.mark.parametrize("source", ["longterm", "lookahead", "inpass"])
+def test_balanced_partition_builds_with_every_fba_bank(source):
+    from fba.build import build_learner
+
+    learner = build_learner(model="resnet8", method="fba", K=2, num_classes=4, num_samples=10, partition="balanced",
+                            **{"data.image_size": 16, "fba.bank.source": source})
+    assert [i for g in learner.groups for i in g] == [0, 1, 2, 3] and learner.K == 2

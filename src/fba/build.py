@@ -144,8 +144,13 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
 
         init_from_checkpoint(model.plain, cfg["init_from"])
     K = 1 if method.end_to_end else cfg["K"]
-    groups = partition_units(model.specs, K, cfg["partition"] if not method.end_to_end else "count",
-                             None if method.end_to_end else cfg["cuts"])
+    mode = cfg["partition"] if not method.end_to_end else "count"
+    costs, balance_checkpointed = None, frozenset()
+    if mode == "balanced" and isinstance(K, int) and 1 < K < len(model.specs):
+        costs = measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3, num_samples, device)
+        balance_checkpointed = frozenset(checkpointed_modules(cfg["checkpoint"], method, K))
+    groups = partition_units(model.specs, K, mode, None if method.end_to_end else cfg["cuts"], costs=costs,
+                             checkpointed=balance_checkpointed)
     if model.set_partition is not None:
         model.set_partition(groups)
     ctx = BuildContext(model=model, groups=groups, task=task, num_samples=num_samples, extra={"device": device})
@@ -192,6 +197,32 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     # modules in different processes would not see it.
     learner.shares_state_across_units = model.set_partition is not None
     return learner
+
+
+def measure_partition_costs(cfg: dict[str, Any], num_units: int, num_classes: int, in_channels: int,
+                            num_samples: int | None, device: torch.device):
+    """Each unit's activation bytes, for ``partition=balanced``.
+
+    A probe learner of the config's model and method with one unit per module (no
+    checkpointing) takes one synthetic batch of 2 at the task's probe size
+    (``TaskPlugin.probe_input_size``). It draws from its own seeded RNG stream, so the real
+    learner's initial weights are those of any other partition.
+    """
+    from fba.engine.balance import measure_unit_activation_bytes
+
+    probe_cfg = {**cfg, "K": num_units, "partition": "count", "cuts": None, "checkpoint": False, "init_from": None}
+    plugin = get_task(cfg["task"])
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg["seed"])
+        # A long-term bank's table need not hold the dataset: the probe reads only its batch.
+        probe = _build_learner(probe_cfg, num_classes, in_channels, 2 if num_samples else None, None, None)
+        generator = torch.Generator().manual_seed(cfg["seed"])
+        inputs, targets = plugin.synthetic_batch(probe_cfg, 2, in_channels, plugin.probe_input_size(cfg),
+                                                 num_classes, generator, device)
+        indices = torch.arange(2, device=device) if num_samples else None
+        costs = measure_unit_activation_bytes(probe, inputs, targets, indices, cfg["checkpoint_chunks"])
+    del probe
+    return costs
 
 
 def checkpointed_modules(checkpoint: bool | list[int], method: Any, num_modules: int) -> set[int]:

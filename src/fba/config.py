@@ -117,7 +117,7 @@ _CORE_RULES: dict[str, Rule] = {
     "model": rules.string,
     "method": rules.string,
     "K": rules.integer,  # the partitioner names the valid range for this backbone
-    "partition": ("auto", "count", "stage", "cuts"),
+    "partition": ("auto", "count", "stage", "cuts", "balanced"),
     "cuts": rules.cuts,
     "seed": rules.seed,
     "device": rules.device,

@@ -7,12 +7,15 @@ each later module; the last module also owns the task head. K=1 is end-to-end BP
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fba.engine.units import UnitSpec
 from fba.errors import ConfigError
 
-PARTITION_MODES = ("auto", "count", "stage", "cuts")
+if TYPE_CHECKING:
+    from fba.engine.balance import UnitActivationBytes
+
+PARTITION_MODES = ("auto", "count", "stage", "cuts", "balanced")
 
 
 def partition_units(
@@ -20,6 +23,8 @@ def partition_units(
     K: int,
     mode: str = "auto",
     cuts: Sequence[int] | None = None,
+    costs: "UnitActivationBytes | None" = None,
+    checkpointed: frozenset[int] = frozenset(),
 ) -> list[list[int]]:
     """Return K lists of unit indices, contiguous and covering every unit once.
 
@@ -30,8 +35,13 @@ def partition_units(
             remainder); ``"stage"`` needs K equal to the number of stages and merges the stem
             into the first stage; ``"cuts"`` starts a new module at each index in ``cuts``;
             ``"auto"`` is ``"cuts"`` when cuts are given, ``"stage"`` when K equals the number
-            of stages (and differs from the unit count), else ``"count"``.
+            of stages (and differs from the unit count), else ``"count"``; ``"balanced"``
+            minimises the largest module's activation bytes, measured in ``costs``
+            (:mod:`fba.engine.balance`).
         cuts: unit indices where modules 1..K-1 begin, strictly increasing in [1, n-1].
+        costs: each unit's measured activation bytes, read by ``"balanced"`` only.
+        checkpointed: the modules that will run under activation checkpointing, which
+            ``"balanced"`` costs as such.
     """
     n = len(specs)
     if mode not in PARTITION_MODES:
@@ -51,6 +61,15 @@ def partition_units(
                           "drop one of the two")
     if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= n:
         raise ConfigError(f"K={K!r} is impossible for a backbone of {n} units: choose K in 1..{n}")
+    if mode == "balanced":
+        if K in (1, n):  # one partition only: nothing to measure
+            mode = "count"
+        elif costs is None:
+            raise ValueError("partition_units(mode='balanced') needs the units' measured costs")
+        else:
+            from fba.engine.balance import memory_balanced_groups
+
+            return memory_balanced_groups(costs, K, checkpointed)
     if mode == "stage":
         if K != num_stages:
             raise ConfigError(f"K={K} with partition=stage: this backbone has {num_stages} stages, so K must be {num_stages}")

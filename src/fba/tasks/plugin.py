@@ -119,6 +119,11 @@ class TaskPlugin:
         """
         raise NotImplementedError
 
+    def probe_input_size(self, config: Mapping[str, Any]) -> int:
+        """The side of the synthetic inputs that ``partition=balanced`` measures the units on
+        (default ``data.image_size``)."""
+        return int(config["data"]["image_size"])
+
     def describe_metrics(self, metrics: Mapping[str, Any]) -> str:
         """One human phrase for the task's evaluation metrics (``"test top-1 0.9312"``)."""
         raise NotImplementedError

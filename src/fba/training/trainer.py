@@ -167,6 +167,10 @@ class Trainer:
         aux = sum(p.numel() for p in self.learner.aux_nets.parameters())
         self.log(f"{self.cfg['method']} {self.cfg['model']} K={self.learner.K} on {self.cfg['data']['name']}: "
                  f"{backbone:,} backbone+head parameters, {aux:,} auxiliary (training only)")
+        if self.cfg["partition"] == "balanced" and self.learner.K > 1:
+            groups = self.learner.groups
+            self.log(f"partition=balanced: units per module {[len(g) for g in groups]} "
+                     f"(partition=cuts cuts={[g[0] for g in groups[1:]]} pins it)")
         try:
             for epoch in range(self.start_epoch, last + 1):
                 row = self._train_epoch_pipelined(epoch) if self.pipelined else self._train_epoch(epoch, records)

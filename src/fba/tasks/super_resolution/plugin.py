@@ -99,6 +99,10 @@ class SuperResolutionPlugin(TaskPlugin):
 
         return SRDataInfo(scale=config["sr"]["scale"], in_channels=3, num_train=0, num_train_images=0, num_val_images=0)
 
+    def probe_input_size(self, config: Mapping[str, Any]) -> int:
+        """The LR patch side (``sr.patch_size``): the model's input size in training."""
+        return int(config["sr"]["patch_size"])
+
     def synthetic_batch(self, config: Mapping[str, Any], batch_size: int, in_channels: int, input_size: int,
                         num_classes: int, generator: "torch.Generator", device: "torch.device") -> tuple[Any, Any]:
         """LR patches ``(N, C, S, S)`` and HR targets ``(N, C, S*scale, S*scale)``, both in [0, 1]."""
