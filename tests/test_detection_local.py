@@ -356,3 +356,15 @@ def test_balanced_partition_costs_the_chunked_stem_of_the_checkpointed_module_0(
                for cuts in itertools.combinations(range(1, 9), 3))
     assert largest(groups) == best
 
+
+
+@pytest.mark.parametrize("model", ["retinanet_resnet18", "yolov1_resnet18"])
+def test_a_checkpointed_module_holding_the_stem_and_a_tapped_block_feeds_the_head(model):
+    # Its backward re-runs the stem, which used to clear the maps recorded for the head.
+    images, targets = batch()
+    options = dict(model=model, K=2, partition="cuts", cuts=[8], **NO_MOMENTUM)
+    plain = learner(checkpoint=False, **options)
+    checkpointed = learner(checkpoint=[0], **options)
+    assert plain.train_step(images, targets)["loss"] == pytest.approx(checkpointed.train_step(images, targets)["loss"])
+    for a, b in zip(plain.plain.parameters(), checkpointed.plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -68,8 +68,31 @@ def checkpoint_batch_chunks(module: nn.Module, chunks: int) -> int:
     return len(found)
 
 
+_recomputations = 0  # checkpointed forwards being recomputed now, in any thread's backward
+
+
+def is_recomputing() -> bool:
+    """Whether a :func:`run_checkpointed` unit is being recomputed in a backward now.
+
+    Side channels that a forward writes for a later module to read (detection's pyramid taps)
+    skip the recomputation: it would overwrite or clear what the first forward left there.
+    """
+    return _recomputations > 0
+
+
+@contextlib.contextmanager
+def _recomputation(module: nn.Module):
+    global _recomputations
+    _recomputations += 1
+    try:
+        with frozen_bn_statistics(module):
+            yield
+    finally:
+        _recomputations -= 1
+
+
 def run_checkpointed(module: nn.Module, x: Tensor) -> Any:
     """``module(x)`` keeping only ``x`` for the backward; BatchNorm counts the batch once."""
     # (forward context, recomputation context): the recomputation must not update BatchNorm.
-    contexts = lambda: (contextlib.nullcontext(), frozen_bn_statistics(module))  # noqa: E731
+    contexts = lambda: (contextlib.nullcontext(), _recomputation(module))  # noqa: E731
     return checkpoint(module, x, use_reentrant=False, context_fn=contexts)

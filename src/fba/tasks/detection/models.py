@@ -56,6 +56,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from fba.engine.checkpointing import is_recomputing
 from fba.engine.chunked_bn import ChunkedConvBN
 from fba.engine.units import UnitModel, UnitSpec
 from fba.registry import Registry
@@ -182,13 +183,18 @@ class PyramidTaps:
 
     def begin(self, batch_shape: Sequence[int], image_sizes: Sequence[Sequence[int]],
               original_sizes: Sequence[Sequence[int]]) -> None:
+        # A checkpointed module's backward re-runs its stem and blocks: that must not forget
+        # the maps its first forward recorded for the head of a later module.
+        if is_recomputing():
+            return
         self.values = {}
         self.batch_shape = (int(batch_shape[0]), int(batch_shape[1]))
         self.image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         self.original_sizes = [(int(h), int(w)) for h, w in original_sizes]
 
     def record(self, key: int, value: Tensor) -> None:
-        self.values[key] = value
+        if not is_recomputing():
+            self.values[key] = value
 
     def read(self) -> list[Tensor]:
         """The recorded maps in pyramid order (detached where marked), then forgets them."""
