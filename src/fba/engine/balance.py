@@ -126,7 +126,10 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
     saved: dict[int, int] = {}  # storage address -> bytes, of the current owner
 
     def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without one storage (sparse, nested)
+            return tensor
         if storage.data_ptr() not in parameters:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
