@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -142,3 +143,17 @@ def test_balanced_partition_builds_with_every_fba_bank(source):
     learner = build_learner(model="resnet8", method="fba", K=2, num_classes=4, num_samples=10, partition="balanced",
                             **{"data.image_size": 16, "fba.bank.source": source})
     assert [i for g in learner.groups for i in g] == [0, 1, 2, 3] and learner.K == 2
+
+
+@pytest.mark.parametrize("task, model", [("classification", "resnet8"), ("super_resolution", "edsr_tiny")])
+@pytest.mark.parametrize("method", ["fba", "dgl"])
+def test_balanced_partition_trains_on_each_task(task, model, method):
+    from fba.build import build_learner
+    from fba.tasks import get_task
+
+    learner = build_learner(task=task, model=model, method=method, K=3, num_classes=4, num_samples=10,
+                            partition="balanced", **{"data.image_size": 16})
+    assert learner.K == 3 and sum(len(g) for g in learner.groups) == len(learner.groups[-1]) + learner.groups[-1][0]
+    inputs, targets = get_task(task).synthetic_batch(learner.config, 2, 3, 16, 4, torch.Generator().manual_seed(0),
+                                                     torch.device("cpu"))
+    assert math.isfinite(learner.train_step(inputs, targets, torch.arange(2))["loss"])
