@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from fba.engine.balance import min_max_partition
 from fba.engine.bn import frozen_bn_statistics
 from fba.errors import ConfigError
 
@@ -55,22 +56,7 @@ def balance(costs: Sequence[float], ranks: int) -> list[range]:
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    # best[r][k]: the smallest largest-group cost when the first k modules go to r ranks.
-    inf = float("inf")
-    best = [[inf] * (K + 1) for _ in range(ranks + 1)]
-    cut = [[0] * (K + 1) for _ in range(ranks + 1)]
-    best[0][0] = 0.0
-    for r in range(1, ranks + 1):
-        for k in range(r, K + 1):
-            for j in range(r - 1, k):
-                value = max(best[r - 1][j], prefix[k] - prefix[j])
-                if value < best[r][k]:
-                    best[r][k], cut[r][k] = value, j
-    groups, k = [], K
-    for r in range(ranks, 0, -1):
-        groups.append(range(cut[r][k], k))
-        k = cut[r][k]
-    return groups[::-1]
+    return min_max_partition(K, ranks, lambda start, end, _: prefix[end] - prefix[start])
 
 
 def measure_module_costs(learner, inputs: Tensor, targets: Any, indices: Tensor | None, repeats: int = 2) -> list[float]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -63,20 +63,40 @@ class UnitActivationBytes:
         return self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last]
 
 
+def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float]) -> list[range]:
+    """K contiguous, non-empty ranges covering ``0..n-1`` that minimise the largest
+    ``cost(start, end, k)`` of range k (``start..end-1``).
+
+    Ties go to the partition whose ranges start earliest (the DP keeps the first best cut),
+    so the result is deterministic. ``O(K n^2)`` calls of ``cost``.
+    """
+    if not 1 <= K <= n:
+        raise ValueError(f"K={K} for {n} items")
+    inf = float("inf")
+    # best[k][e]: the smallest largest cost of the first e items in k ranges
+    best = [[inf] * (n + 1) for _ in range(K + 1)]
+    cut = [[0] * (n + 1) for _ in range(K + 1)]
+    best[0][0] = 0
+    for k in range(1, K + 1):
+        for end in range(k, n - (K - k) + 1):
+            for start in range(k - 1, end):
+                value = max(best[k - 1][start], cost(start, end, k - 1))
+                if value < best[k][end]:
+                    best[k][end], cut[k][end] = value, start
+    ranges, end = [], n
+    for k in range(K, 0, -1):
+        ranges.append(range(cut[k][end], end))
+        end = cut[k][end]
+    return ranges[::-1]
+
+
 def memory_balanced_groups(costs: UnitActivationBytes, K: int,
                            checkpointed: frozenset[int] = frozenset()) -> list[list[int]]:
     """K contiguous groups of unit indices minimising the largest module's activation bytes.
 
     Args:
         checkpointed: indices of the modules that run under activation checkpointing.
-
-    Ties go to the partition whose modules start earliest (the DP keeps the first best cut),
-    so the result is deterministic. ``O(K n^2)`` for n units (``O(K n^3)`` with checkpointed
-    modules; n is at most a few dozen).
     """
-    n = len(costs.unit)
-    if not 1 <= K <= n:
-        raise ValueError(f"K={K} for {n} units")
     prefix = [0]
     for value in costs.unit:
         prefix.append(prefix[-1] + value)
@@ -86,23 +106,7 @@ def memory_balanced_groups(costs: UnitActivationBytes, K: int,
             return costs.module_bytes(first, end - 1, checkpointed=True)
         return costs.input[first] + prefix[end] - prefix[first] + costs.loss_net[end - 1]
 
-    inf = float("inf")
-    # best[k][e]: the smallest largest-module cost of the first e units in k modules
-    best = [[inf] * (n + 1) for _ in range(K + 1)]
-    cut = [[0] * (n + 1) for _ in range(K + 1)]
-    best[0][0] = 0
-    for k in range(1, K + 1):
-        for end in range(k, n - (K - k) + 1):
-            for start in range(k - 1, end):
-                value = max(best[k - 1][start], module(start, end, k - 1))
-                if value < best[k][end]:
-                    best[k][end], cut[k][end] = value, start
-    groups, end = [], n
-    for k in range(K, 0, -1):
-        start = cut[k][end]
-        groups.append(list(range(start, end)))
-        end = start
-    return groups[::-1]
+    return [list(group) for group in min_max_partition(len(costs.unit), K, module)]
 
 
 def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, indices: Tensor | None = None,
