@@ -157,3 +157,13 @@ def test_balanced_partition_trains_on_each_task(task, model, method):
     inputs, targets = get_task(task).synthetic_batch(learner.config, 2, 3, 16, 4, torch.Generator().manual_seed(0),
                                                      torch.device("cpu"))
     assert math.isfinite(learner.train_step(inputs, targets, torch.arange(2))["loss"])
+
+
+def test_balanced_partition_refuses_cuts_before_running_its_probe():
+    def measure():
+        raise AssertionError("the probe ran")
+
+    with pytest.raises(ConfigError, match="not partition=balanced"):
+        partition_units(specs("resnet8"), 2, "balanced", [1], costs=measure)
+    with pytest.raises(ConfigError, match="choose K in 1..4"):
+        partition_units(specs("resnet8"), 7, "balanced", costs=measure)

@@ -147,8 +147,11 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     mode = cfg["partition"] if not method.end_to_end else "count"
     costs, balance_checkpointed = None, frozenset()
     if mode == "balanced" and isinstance(K, int) and 1 < K < len(model.specs):
-        costs = measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3, num_samples, device)
         balance_checkpointed = frozenset(checkpointed_modules(cfg["checkpoint"], method, K))
+
+        def costs():  # the probe runs only once the partitioner has accepted K and the cuts
+            return measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3,
+                                           num_samples, device)
     groups = partition_units(model.specs, K, mode, None if method.end_to_end else cfg["cuts"], costs=costs,
                              checkpointed=balance_checkpointed)
     if model.set_partition is not None:

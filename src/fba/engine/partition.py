@@ -7,7 +7,7 @@ each later module; the last module also owns the task head. K=1 is end-to-end BP
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from fba.engine.units import UnitSpec
 from fba.errors import ConfigError
@@ -23,7 +23,7 @@ def partition_units(
     K: int,
     mode: str = "auto",
     cuts: Sequence[int] | None = None,
-    costs: "UnitActivationBytes | None" = None,
+    costs: "UnitActivationBytes | Callable[[], UnitActivationBytes] | None" = None,
     checkpointed: frozenset[int] = frozenset(),
 ) -> list[list[int]]:
     """Return K lists of unit indices, contiguous and covering every unit once.
@@ -39,7 +39,8 @@ def partition_units(
             minimises the largest module's activation bytes, measured in ``costs``
             (:mod:`fba.engine.balance`).
         cuts: unit indices where modules 1..K-1 begin, strictly increasing in [1, n-1].
-        costs: each unit's measured activation bytes, read by ``"balanced"`` only.
+        costs: each unit's measured activation bytes, or a callable that measures them
+            (called only once K and the cuts are known to be valid); read by ``"balanced"`` only.
         checkpointed: the modules that will run under activation checkpointing, which
             ``"balanced"`` costs as such.
     """
@@ -69,7 +70,7 @@ def partition_units(
         else:
             from fba.engine.balance import memory_balanced_groups
 
-            return memory_balanced_groups(costs, K, checkpointed)
+            return memory_balanced_groups(costs() if callable(costs) else costs, K, checkpointed)
     if mode == "stage":
         if K != num_stages:
             raise ConfigError(f"K={K} with partition=stage: this backbone has {num_stages} stages, so K must be {num_stages}")
