@@ -51,6 +51,22 @@ def test_train_with_the_balanced_partition_prints_cuts_that_pin_it(capsys, tmp_p
     code, out, err = run_cli(capsys, "train", *FAST, "K=2", "partition=cuts", f"cuts={cuts}", "train.epochs=1",
                              f"train.runs_dir={tmp_path}", "train.name=pinned")
     assert code == 0, err
+    # the same modules, weights and data order: the same training, metric for metric
+    balanced, pinned = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("balanced", "pinned"))
+    for row_a, row_b in zip(balanced, pinned):
+        assert {k: v for k, v in row_a.items() if "second" not in k} == \
+            {k: v for k, v in row_b.items() if "second" not in k}
+
+
+def test_bench_takes_the_balanced_partition_from_the_config(capsys, tmp_path):
+    # Its check before measuring used to need measured costs and stopped with a traceback.
+    code, out, err = run_cli(capsys, "bench", "memory", "model=resnet8", "K=2", "partition=balanced",
+                             "--batch-size", "4", "--input-size", "16", "--methods", "bp,fba", "--out", str(tmp_path),
+                             "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "bench", "memory", "model=resnet8", "K=9", "partition=balanced", "--methods", "fba",
+                           "--out", str(tmp_path))
+    assert code == 2 and err.strip() == "fba: error: K=9 is impossible for a backbone of 4 units: choose K in 1..4"
 
 
 def test_metrics_hold_each_modules_local_loss(trained_run):

@@ -106,9 +106,12 @@ def test_balanced_partition_of_a_learner_is_the_best_by_its_measured_costs():
     costs = measure_partition_costs(cfg, 4, 4, 3, None, resolve_device("cpu"))
     assert all(value > 0 for value in costs.unit) and all(value > 0 for value in costs.loss_net)
     assert _largest(costs, balanced.groups) == min(_largest(costs, p) for p in _all_partitions(4, 2))
-    # the probe draws from its own RNG stream: the same initial backbone as any partition
-    counted = build_learner(partition="count", **kwargs)
-    for a, b in zip(balanced.plain.state_dict().values(), counted.plain.state_dict().values()):
+    # the probe draws from its own RNG stream: the same initial weights, auxiliary networks
+    # included (they are built after the probe), as the same cuts given by hand
+    cuts = [group[0] for group in balanced.groups[1:]]
+    pinned = build_learner(partition="cuts", cuts=cuts, **kwargs)
+    assert pinned.groups == balanced.groups
+    for a, b in zip(balanced.state_dict().values(), pinned.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -167,3 +170,15 @@ def test_balanced_partition_refuses_cuts_before_running_its_probe():
         partition_units(specs("resnet8"), 2, "balanced", [1], costs=measure)
     with pytest.raises(ConfigError, match="choose K in 1..4"):
         partition_units(specs("resnet8"), 7, "balanced", costs=measure)
+
+
+def test_autocast_copies_of_the_weights_are_not_counted_as_activations():
+    # A bf16 copy of each weight is saved for backward. It does not grow with the image, and
+    # counted it dominated a small probe (a stage-3 unit: 1.3x, not 4x, from 16 to 32 px).
+    from fba.build import build_learner, measure_partition_costs, resolve_device
+
+    learner = build_learner(model="resnet32", K=4, precision="bf16", num_samples=10)
+    small, large = (measure_partition_costs({**learner.config, "data": {**learner.config["data"], "image_size": size}},
+                                            16, 10, 3, 2, resolve_device("cpu")) for size in (16, 32))
+    for a, b in zip(small.unit, large.unit):
+        assert b == pytest.approx(4 * a, rel=0.1)

@@ -215,7 +215,7 @@ def measure_partition_costs(cfg: dict[str, Any], num_units: int, num_classes: in
 
     probe_cfg = {**cfg, "K": num_units, "partition": "count", "cuts": None, "checkpoint": False, "init_from": None}
     plugin = get_task(cfg["task"])
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.default_generator.manual_seed(cfg["seed"])
         # A long-term bank's table need not hold the dataset: the probe reads only its batch.
         probe = _build_learner(probe_cfg, num_classes, in_channels, 2 if num_samples else None, None, None)

@@ -196,12 +196,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = resolve_config(config_path, [*overrides, f"data.image_size={args.input_size}"])
     methods = _methods_arg(args.methods)
     from fba.build import build_model
-    from fba.engine.partition import partition_units
+    from fba.engine.partition import check_partition
     from fba.methods import get_method
 
     names = [runner.parse_method_spec(m)[0] for m in methods]  # options are checked here too
     if any(not get_method(m).end_to_end for m in names):  # fail before measuring anything
-        partition_units(build_model(cfg, args.num_classes, args.in_channels).specs, cfg["K"],
+        check_partition(build_model(cfg, args.num_classes, args.in_channels).specs, cfg["K"],
                         cfg["partition"], cfg["cuts"])
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
     common = dict(batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,

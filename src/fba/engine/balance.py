@@ -118,11 +118,20 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
 
     Side-effect free like :func:`fba.pipeline.measure_module_costs`: BatchNorm statistics
     are frozen, gradients are dropped, no optimizer steps and the bank commits nothing. A
-    tensor counts once, by its storage, and parameters not at all.
+    tensor counts once, by its storage, and parameters (or autocast's copies of them) not at
+    all.
     """
     if learner.K != len(learner.groups) or any(len(group) != 1 for group in learner.groups):
         raise ValueError("measure_unit_activation_bytes needs a learner with one unit per module")
     parameters = {p.untyped_storage().data_ptr() for p in learner.parameters()}
+    parameter_ids = {id(p) for p in learner.parameters()}
+
+    def is_weight_copy(tensor: Tensor) -> bool:  # autocast's low-precision copy of a parameter
+        grad_fn = tensor.grad_fn
+        if grad_fn is None or type(grad_fn).__name__ != "ToCopyBackward0":
+            return False
+        source = grad_fn.next_functions[0][0] if grad_fn.next_functions else None
+        return id(getattr(source, "variable", None)) in parameter_ids
     input_bytes: list[int] = []
     unit_bytes: list[int] = []
     output_bytes: list[int] = []
@@ -134,7 +143,7 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # a tensor without one storage (sparse, nested)
             return tensor
-        if storage.data_ptr() not in parameters:
+        if storage.data_ptr() not in parameters and not is_weight_copy(tensor):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 

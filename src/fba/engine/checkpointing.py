@@ -9,6 +9,7 @@ again.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
@@ -68,27 +69,28 @@ def checkpoint_batch_chunks(module: nn.Module, chunks: int) -> int:
     return len(found)
 
 
-_recomputations = 0  # checkpointed forwards being recomputed now, in any thread's backward
+# The recomputation runs on the thread of the backward that needs it (an autograd thread on
+# CUDA), and so do the side channels it reaches: one count per thread.
+_recomputing = threading.local()
 
 
 def is_recomputing() -> bool:
-    """Whether a :func:`run_checkpointed` unit is being recomputed in a backward now.
+    """Whether a :func:`run_checkpointed` unit is being recomputed in a backward on this thread.
 
     Side channels that a forward writes for a later module to read (detection's pyramid taps)
     skip the recomputation: it would overwrite or clear what the first forward left there.
     """
-    return _recomputations > 0
+    return getattr(_recomputing, "depth", 0) > 0
 
 
 @contextlib.contextmanager
 def _recomputation(module: nn.Module):
-    global _recomputations
-    _recomputations += 1
+    _recomputing.depth = getattr(_recomputing, "depth", 0) + 1
     try:
         with frozen_bn_statistics(module):
             yield
     finally:
-        _recomputations -= 1
+        _recomputing.depth -= 1
 
 
 def run_checkpointed(module: nn.Module, x: Tensor) -> Any:

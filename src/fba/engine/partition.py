@@ -85,6 +85,15 @@ def partition_units(
     return groups
 
 
+def check_partition(specs: Sequence[UnitSpec], K: int, mode: str = "auto", cuts: Sequence[int] | None = None) -> None:
+    """Raise the :class:`ConfigError` that :func:`partition_units` would, measuring nothing
+    (``"balanced"`` is checked on uniform stand-in costs instead of a probe)."""
+    from fba.engine.balance import UnitActivationBytes
+
+    n = len(specs)
+    partition_units(specs, K, mode, cuts, costs=UnitActivationBytes([0] * n, [1] * n, [0] * n, [0] * n))
+
+
 def _by_cuts(n: int, cuts: list[int], K: int | None) -> list[list[int]]:
     if any(isinstance(c, bool) or not isinstance(c, int) for c in cuts):
         raise ConfigError(f"cuts={cuts!r}: cut points must be integers")
