@@ -117,7 +117,7 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
     when its module is checkpointed (0: none).
 
     Side-effect free like :func:`fba.pipeline.measure_module_costs`: BatchNorm statistics
-    are frozen, gradients are dropped, no optimizer steps and the bank commits nothing. A
+    are frozen, no backward runs, no optimizer steps and the bank commits nothing. A
     tensor counts once, by its storage, and parameters (or autocast's copies of them) not at
     all.
     """
@@ -185,8 +185,9 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
                 hook.remove()
             loss_bytes.append(total([h_in, *outputs]))
             saved.clear()
-            loss.backward()
-        learner.zero_grad(set_to_none=True)
+            # No backward: the bytes are counted as autograd saves them, and dropping the graph
+            # here spares the probe every unit's gradients.
+            del loss
         if learner.bank is not None:
             learner.bank.begin_step(None)  # drop this batch's features without committing them
     chunks = [checkpoint_chunks if checkpoint_chunks > 1 and any(isinstance(m, BatchChunkable)
