@@ -223,9 +223,7 @@ def measure_partition_costs(cfg: dict[str, Any], num_units: int, num_classes: in
         inputs, targets = plugin.synthetic_batch(probe_cfg, 2, in_channels, plugin.probe_input_size(cfg),
                                                  num_classes, generator, device)
         indices = torch.arange(2, device=device) if num_samples else None
-        costs = measure_unit_activation_bytes(probe, inputs, targets, indices, cfg["checkpoint_chunks"])
-    del probe
-    return costs
+        return measure_unit_activation_bytes(probe, inputs, targets, indices, cfg["checkpoint_chunks"])
 
 
 def checkpointed_modules(checkpoint: bool | list[int], method: Any, num_modules: int) -> set[int]:

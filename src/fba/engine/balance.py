@@ -10,8 +10,8 @@ unit per module, so each unit has the auxiliary network it would have as a modul
 unit) counts the tensors autograd saves for backward, owner by owner. Every figure scales
 with the batch and the image area, so the argmin holds at other sizes (up to the rounding of
 strides); the weights, gradients and optimizer state are the same for every partition of the
-backbone and are left out (the auxiliary networks' own weights, which do change, are small
-next to a module's activations at training sizes).
+backbone and are left out. So are the auxiliary networks' own weights, which do change with
+the cuts and can outweigh what a cut saves (RetinaNet-R34 K=4: docs/detection.md, Memory).
 """
 
 from __future__ import annotations
@@ -97,14 +97,8 @@ def memory_balanced_groups(costs: UnitActivationBytes, K: int,
     Args:
         checkpointed: indices of the modules that run under activation checkpointing.
     """
-    prefix = [0]
-    for value in costs.unit:
-        prefix.append(prefix[-1] + value)
-
     def module(first: int, end: int, k: int) -> int:  # module k of units first..end-1
-        if k in checkpointed:
-            return costs.module_bytes(first, end - 1, checkpointed=True)
-        return costs.input[first] + prefix[end] - prefix[first] + costs.loss_net[end - 1]
+        return costs.module_bytes(first, end - 1, checkpointed=k in checkpointed)
 
     return [list(group) for group in min_max_partition(len(costs.unit), K, module)]
 
