@@ -12,8 +12,10 @@ import fba
 from fba.config import resolve_config
 from fba.errors import FBAError
 from fba.tasks import get_task
+from fba.methods.fba import feature_mismatch
 from fba.tasks.detection.local import (
     DetectionSLM, FPNAux, LocalFPN, MultiScaleMapBank, YOLOSLM, coarser_sources, finer_sources, local_settings,
+    predictor_sources,
 )
 from fba.tasks.detection.models import torchvision_retinanet
 
@@ -22,6 +24,7 @@ from conftest import assert_perturbing_aux_changes_only_its_module
 SIZE = 64
 DET = {"task": "detection", "device": "cpu", "data.image_size": SIZE}
 INPASS = {"fba.bank.source": "inpass"}  # the paper's bank; the built-in run's default has none
+TARGET = {"fba.bank.source": "lookahead", "fba.bank.usage": "target"}
 NO_MOMENTUM = {"optim.momentum": 0.0, "optim.nesterov": False, "optim.weight_decay": 0.0}
 
 
@@ -184,10 +187,10 @@ def test_dgl_builds_fpn_aux_nets_without_a_bank():
 # ---- the invariants -------------------------------------------------------------------------------
 @pytest.mark.parametrize("step", ["global", "per_module"])
 @pytest.mark.parametrize("method, j, source", [("fba", 1, "inpass"), ("fba", 2, "inpass"), ("dgl", 1, None),
-                                               ("fba", 1, "lookahead")])
+                                               ("fba", 1, "lookahead"), ("fba", 1, "target")])
 def test_perturbing_aux_j_changes_only_module_j(method, j, step, source):
     images, targets = batch()
-    options = {"optim.step": step, **({"fba.bank.source": source} if source else {})}
+    options = {"optim.step": step, **(TARGET if source == "target" else {"fba.bank.source": source} if source else {})}
     assert_perturbing_aux_changes_only_its_module(lambda: learner(method=method, **options),
                                                   (images, targets, torch.arange(2)), j=j, scale=0.1)
 
@@ -205,6 +208,52 @@ def test_yolo_smoke_isolation_and_training():
     for each in (net, dgl, ahead):
         out = each.train_step(images, targets)
         assert all(math.isfinite(v) for v in out.values())
+
+
+def test_target_usage_predicts_the_deeper_maps_of_this_batch_from_the_local_fpn():
+    net = learner(**TARGET)
+    # Nothing enters the local FPNs; each SLM predicts C4/C5 of the lookahead forward instead.
+    assert net.bank.needs_lookahead and net.bank.sources == [[], [], []] and net.bank.ahead == [[2, 3], [2, 3], [3]]
+    assert all(len(aux.fpn.ahead_laterals) == 0 and len(aux.fpn.finer_laterals) == 0 for aux in net.aux_nets)
+    # From the local FPN level of the target's stride: P4 for C4 and P5 for C5 (module 2's FPN starts at P4).
+    assert [aux.predictor.sources for aux in net.aux_nets] == [[1, 2], [1, 2], [1]]
+    images, targets = batch()
+    read, seen = net.bank.read, {}
+
+    def spy(k, device):
+        maps, valid = read(k, device)
+        seen[k] = maps
+        return maps, valid
+
+    net.bank.read = spy
+    losses = net.train_step(images, targets)
+    h = images
+    with torch.no_grad():
+        for module in net.local_modules[:2]:
+            h = module(h)
+        out, predicted = net.aux_nets[1](h)
+    assert [p.shape for p in predicted] == [m.shape for m in seen[1]] == [(2, 256, 4, 4), (2, 512, 2, 2)]
+    # The local loss is the detection loss plus the mean cosine mismatch with the targets.
+    fresh, zero = learner(**TARGET), learner(**TARGET, **{"fba.bank.target_weight": 0.0})
+    zero.load_state_dict(fresh.state_dict())
+    a, b = fresh.train_step(images, targets), zero.train_step(images, targets)
+    assert a["loss/0"] > b["loss/0"] + 0.5 and math.isfinite(losses["loss"])  # 1 - cos is about 1 at the start
+    yolo = learner("yolov1_resnet18", **TARGET)
+    assert [len(aux.predictor.projections) for aux in yolo.aux_nets] == [2, 2, 1]
+    assert all(math.isfinite(v) for v in yolo.train_step(images, targets).values())
+    with pytest.raises(FBAError, match="fba.bank.usage=target .* fba.bank.source=lookahead"):
+        learner(**{"fba.bank.source": "inpass", "fba.bank.usage": "target"})
+
+
+def test_feature_mismatch_pools_each_prediction_to_its_target():
+    target = torch.randn(2, 8, 2, 2)
+    fine = target.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)  # pools back to the target
+    assert feature_mismatch([fine], [target]).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_mismatch([fine, -target], [target, target]).item() == pytest.approx(1.0, abs=1e-6)
+    assert predictor_sources([8, 16, 32, 64, 128], [16, 32]) == [1, 2]
+    assert predictor_sources([8], [16, 32]) == [0, 0]  # without coarser levels: the coarsest one below
+    with pytest.raises(ValueError, match="predicted maps"):
+        feature_mismatch([fine], [target, target])
 
 
 @pytest.mark.parametrize("method", ["fba", "dgl"])

@@ -256,11 +256,31 @@ class FBA(LocalMethod):
         out, predicted = aux(h, features if self.bank_usage == "input" else None)
         loss = self.task.loss(out, targets)
         if predicted is not None and features is not None:
-            mismatch = 1.0 - F.cosine_similarity(predicted, features, dim=1)
-            if valid is not None:
-                # The mean over the rows that have a target: rows not yet filled must not
-                # dilute the loss of the rows that are.
-                valid = valid.float()
-                mismatch = (mismatch * valid).sum() / valid.sum().clamp(min=1.0)
-            loss = loss + self.target_weight * mismatch.mean()
+            loss = loss + self.target_weight * feature_mismatch(predicted, features, valid)
         return loss
+
+
+def feature_mismatch(predicted: Tensor | list[Tensor], features: Tensor | list[Tensor],
+                     valid: Tensor | None = None) -> Tensor:
+    """Mean ``1 - cosine`` between predictions and bank features, over channels (dim 1).
+
+    Vectors ``(N, D)`` (``valid``: ``(N,)``, the rows that have a target), or lists of maps
+    ``(N, C, H, W)``, each prediction average-pooled to its target's size first (a local FPN
+    level finer than the deep map it predicts); the mean over maps of each map's mean.
+    """
+    if isinstance(predicted, Tensor):
+        mismatch = 1.0 - F.cosine_similarity(predicted.float(), features.float(), dim=1)
+        if valid is None:
+            return mismatch.mean()
+        # The mean over the rows that have a target: rows not yet filled must not dilute the
+        # loss of the rows that are.
+        valid = valid.float()
+        return (mismatch * valid).sum() / valid.sum().clamp(min=1.0)
+    if len(predicted) != len(features):
+        raise ValueError(f"{len(predicted)} predicted maps for {len(features)} bank maps")
+    per_map = []
+    for p, f in zip(predicted, features):
+        if p.shape[-2:] != f.shape[-2:]:
+            p = F.adaptive_avg_pool2d(p, f.shape[-2:])
+        per_map.append((1.0 - F.cosine_similarity(p.float(), f.float(), dim=1)).mean())
+    return torch.stack(per_map).mean()

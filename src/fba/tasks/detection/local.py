@@ -361,29 +361,60 @@ def _is_retinanet(model: "UnitModel") -> bool:
 
 
 # --------------------------------------------------------------------------- FBA's SLMs
+class MapPredictor(nn.Module):
+    """``fba.bank.usage=target`` for detection: ``[maps] -> [predicted deep maps]``, one 1x1
+    conv per target, each reading the map given for it (the local FPN level nearest below the
+    target's stride, or the SLM's block output for YOLOv1). FBA's loss pools a prediction to
+    its target's size and pulls it towards the target map, cosine per location."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], sources: Sequence[int]) -> None:
+        super().__init__()
+        if not len(in_channels) == len(out_channels) == len(sources):
+            raise ValueError("one input width, output width and source per target map")
+        self.sources = list(sources)
+        self.projections = nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in zip(in_channels, out_channels))
+
+    def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        return [proj(maps[i]) for proj, i in zip(self.projections, self.sources)]
+
+
+def predictor_sources(level_strides: Sequence[int], target_strides: Sequence[int]) -> list[int]:
+    """For each target stride, the index of the finest level whose stride is the largest not
+    above it (a level of the same stride when there is one)."""
+    out = []
+    for target in target_strides:
+        below = [i for i, s in enumerate(level_strides) if s <= target]
+        out.append(max(below, key=lambda i: level_strides[i]) if below else 0)
+    return out
+
+
 class DetectionSLM(nn.Module):
-    """FBA's SLM for RetinaNet: ``forward(h, bank=None) -> (head output, None)``.
+    """FBA's SLM for RetinaNet: ``forward(h, bank=None) -> (head output, predicted maps or None)``.
 
     ``head([adapter(l) for l in fpn(block(reduce(h)), bank)])``: a fresh stage-tail block
     (narrowed by ``fba.reduction``), the local FPN fed by the bank's maps, a RetinaNet
     head; ``adapter`` (1x1, shared across levels) widens the levels to a shared main head's
     width; ``reduce`` (:func:`stride_reduction`, default the identity) coarsens a fine map first.
+    With a ``predictor`` (``fba.bank.usage=target``) the local FPN's levels also predict the
+    deeper modules' maps: the second output, ``[(N, C_j, H, W), ...]``.
     """
 
     def __init__(self, block: nn.Module, fpn: LocalFPN, head: nn.Module, adapter: nn.Module | None = None,
-                 reduce: nn.Module | None = None) -> None:
+                 reduce: nn.Module | None = None, predictor: MapPredictor | None = None) -> None:
         super().__init__()
         self.reduce = reduce or nn.Identity()
         self.block = block
         self.fpn = fpn
         self.adapter = adapter
         self.head = head
+        self.predictor = predictor
 
-    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, list[Tensor] | None]:
         levels = self.fpn(self.block(self.reduce(h)), bank or ())
+        predicted = self.predictor(levels) if self.predictor is not None else None
         if self.adapter is not None:
             levels = [self.adapter(level) for level in levels]
-        return self.head(levels), None
+        return self.head(levels), predicted
 
 
 class YOLOSLM(nn.Module):
@@ -394,15 +425,17 @@ class YOLOSLM(nn.Module):
     """
 
     def __init__(self, block: nn.Module, head: nn.Module, bank_channels: Sequence[int], channels: int,
-                 adapter: nn.Module | None = None, reduce: nn.Module | None = None) -> None:
+                 adapter: nn.Module | None = None, reduce: nn.Module | None = None,
+                 predictor: MapPredictor | None = None) -> None:
         super().__init__()
         self.reduce = reduce or nn.Identity()
         self.block = block
         self.projections = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in bank_channels)
         self.adapter = adapter
         self.head = head
+        self.predictor = predictor
 
-    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, None]:
+    def forward(self, h: Tensor, bank: Sequence[Tensor] | None = None) -> tuple[Any, list[Tensor] | None]:
         z = self.block(self.reduce(h))
         for proj, f in zip(self.projections, bank or ()):
             if f.shape[-1] >= z.shape[-1]:
@@ -410,9 +443,10 @@ class YOLOSLM(nn.Module):
             else:
                 f = F.interpolate(f, size=z.shape[-2:], mode="nearest")
             z = z + proj(f)
+        predicted = self.predictor([z]) if self.predictor is not None else None
         if self.adapter is not None:
             z = self.adapter(z)
-        return self.head(z), None
+        return self.head(z), predicted
 
 
 class FPNAux(nn.Module):
@@ -434,19 +468,28 @@ def _module_strides(ctx: "BuildContext") -> list[int]:
 
 
 def _check_bank(method: "FBA") -> None:
-    if method.bank_source not in ("none", "inpass", "lookahead") or (method.bank_source != "none"
-                                                                     and method.bank_usage != "input"):
-        raise ValueError("the detection bank is whole maps of the current step fused into the local FPN: use "
-                         "fba.bank.source=inpass, lookahead or none, with fba.bank.usage=input")
+    if method.bank_source not in ("none", "inpass", "lookahead"):
+        raise ValueError("the detection bank is whole maps of the current step: use fba.bank.source=inpass, "
+                         "lookahead or none")
+    if method.bank_usage == "target" and method.bank_source not in ("none", "lookahead"):
+        raise ValueError("fba.bank.usage=target pulls an SLM towards the deeper maps of this batch: use it with "
+                         "fba.bank.source=lookahead")
+
+
+def _is_target(method: "FBA") -> bool:
+    return method.bank_source == "lookahead" and method.bank_usage == "target"
 
 
 def bank_sources(method: "FBA", ctx: "BuildContext") -> tuple[list[list[int]], list[list[int]]]:
     """Per SLM, the modules whose maps it reads: in-pass finer ones (``inpass`` and
-    ``lookahead``) and lookahead coarser ones (``lookahead`` only)."""
+    ``lookahead`` as input) and lookahead coarser ones (``lookahead``, as input or as
+    targets)."""
     _check_bank(method)
     strides, none = _module_strides(ctx), [[] for _ in range(ctx.K - 1)]
     if method.bank_source == "none":
         return none, none
+    if _is_target(method):
+        return none, coarser_sources(strides, ctx.K, local_settings(ctx.model)["min_stride"])
     finer = finer_sources(strides, ctx.K)
     if method.bank_source == "inpass":
         return finer, none
@@ -458,10 +501,11 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
 
     Module k's SLM maps ``(N, C_k, H_k, W_k)`` and its maps from the bank (finer in-pass ones,
     then coarser lookahead ones) to the head's training output (``DetectionTrainingOutput``)
-    or, in eval, detections.
+    or, in eval, detections. With ``fba.bank.usage=target`` the lookahead maps are not fed
+    in: a :class:`MapPredictor` on the SLM's maps predicts them instead.
 
     Raises:
-        ValueError: a bank other than in-pass or lookahead maps fused as input.
+        ValueError: a bank other than in-pass or lookahead maps, or a target from in-pass maps.
     """
     model = ctx.model
     settings = local_settings(model, method.reduction)
@@ -481,6 +525,10 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
         reduce, stride = stride_reduction(spec.out_channels, spec.downsample, settings["min_stride"])
         finer_channels = [ctx.module_channels[j] for j in sources[k]]
         ahead_channels = [ctx.module_channels[j] for j in ahead[k]]
+        target_channels, target_strides = [], []
+        if _is_target(method):
+            target_channels, target_strides = ahead_channels, [strides[j] for j in ahead[k]]
+            ahead_channels = []
         if retina:
             width = settings["channels"]
             # Upsampled finer levels only where the bank gives the SLM nothing: bank maps are the
@@ -488,11 +536,14 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
             make_finer = settings["finer"] and not (finer_channels or ahead_channels)
             fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]], make_finer,
                            coarser=settings["coarser"] or method.share_head, ahead_channels=ahead_channels,
-                           ahead_strides=[strides[j] for j in ahead[k]], ahead_fusion=settings["lookahead_fusion"])
+                           ahead_strides=[strides[j] for j in ahead[k]] if ahead_channels else [],
+                           ahead_fusion=settings["lookahead_fusion"])
             main = model.plain
             adapter = nn.Conv2d(width, main.backbone.out_channels, 1) if method.share_head else None
             head = LocalRetinaNetHead(main, fpn.strides, width, taps, settings["head_convs"], shared=method.share_head)
-            nets.append(DetectionSLM(block, fpn, head, adapter, reduce))
+            predictor = MapPredictor([width] * len(target_channels), target_channels,
+                                     predictor_sources(fpn.strides, target_strides)) if target_channels else None
+            nets.append(DetectionSLM(block, fpn, head, adapter, reduce, predictor))
         else:
             if method.share_head:
                 head = model.head
@@ -500,7 +551,9 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
                 adapter = nn.Conv2d(channels, c5, 1) if channels != c5 else None
             else:
                 head, adapter = model.make_head(channels), None
-            nets.append(YOLOSLM(block, head, finer_channels + ahead_channels, channels, adapter, reduce))
+            predictor = MapPredictor([channels] * len(target_channels), target_channels,
+                                     [0] * len(target_channels)) if target_channels else None
+            nets.append(YOLOSLM(block, head, finer_channels + ahead_channels, channels, adapter, reduce, predictor))
     return nets
 
 
