@@ -15,6 +15,8 @@
   block, a :class:`LocalFPN` fed by the bank, a :class:`LocalRetinaNetHead`.
   :class:`YOLOSLM` is the one for YOLOv1 (single scale): the finer maps pooled to the
   module's grid and added, then a YOLO head.
+- :class:`MapPredictor` is ``fba.bank.usage=target``: an SLM's levels predict the lookahead
+  C4/C5 maps instead of reading them.
 - :class:`FPNAux` is DGL's FPN-style auxiliary network (paper Table 3): the module's map
   only, a pyramid by upsampling and stride-2 convs, a light RetinaNet head; for YOLOv1 a
   fresh YOLO head.
@@ -379,8 +381,8 @@ class MapPredictor(nn.Module):
 
 
 def predictor_sources(level_strides: Sequence[int], target_strides: Sequence[int]) -> list[int]:
-    """For each target stride, the index of the finest level whose stride is the largest not
-    above it (a level of the same stride when there is one)."""
+    """For each target stride, the index of the level that predicts it: the level of that
+    stride, else the coarsest level finer than it, else level 0."""
     out = []
     for target in target_strides:
         below = [i for i, s in enumerate(level_strides) if s <= target]
