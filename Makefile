@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-slow lint clean
+.PHONY: setup train test test-slow clean
 
 setup: $(VENV)/.installed
 
