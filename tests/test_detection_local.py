@@ -38,6 +38,19 @@ def learner(model="retinanet_resnet18", method="fba", K=4, **options):
     return fba.build_learner(**DET, model=model, method=method, K=K, num_classes=3, **options)
 
 
+def record_bank_reads(net) -> dict:
+    """Wrap ``net.bank.read``: the returned dict gets each SLM's bank maps as they are read."""
+    read, seen = net.bank.read, {}
+
+    def spy(k, device):
+        maps, valid = read(k, device)
+        seen[k] = maps
+        return maps, valid
+
+    net.bank.read = spy
+    return seen
+
+
 # ---- what gets built ------------------------------------------------------------------------------
 def test_fba_builds_detection_slms_fed_by_finer_maps_of_earlier_modules():
     net = learner(**INPASS)
@@ -104,14 +117,7 @@ def test_lookahead_bank_feeds_this_batchs_coarser_maps_detached_and_keeps_nothin
             h = module(h)
             expected.append(h)
     running = net.plain.backbone.body.bn1.running_mean.clone()
-    read, seen = net.bank.read, {}
-
-    def spy(k, device):
-        maps, valid = read(k, device)
-        seen[k] = maps
-        return maps, valid
-
-    net.bank.read = spy
+    seen = record_bank_reads(net)
     net.train_step(images, targets)
     # SLM 1 reads C4 and C5 of this batch; SLM 2 reads C3 in-pass and C5 from the lookahead.
     for got, want in zip(seen[1], [expected[2], expected[3]]):
@@ -218,14 +224,7 @@ def test_target_usage_predicts_the_deeper_maps_of_this_batch_from_the_local_fpn(
     # From the local FPN level of the target's stride: P4 for C4 and P5 for C5 (module 2's FPN starts at P4).
     assert [aux.predictor.sources for aux in net.aux_nets] == [[1, 2], [1, 2], [1]]
     images, targets = batch()
-    read, seen = net.bank.read, {}
-
-    def spy(k, device):
-        maps, valid = read(k, device)
-        seen[k] = maps
-        return maps, valid
-
-    net.bank.read = spy
+    seen = record_bank_reads(net)
     losses = net.train_step(images, targets)
     h = images
     with torch.no_grad():
