@@ -526,11 +526,10 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
             zero_init_residual(block)
         reduce, stride = stride_reduction(spec.out_channels, spec.downsample, settings["min_stride"])
         finer_channels = [ctx.module_channels[j] for j in sources[k]]
-        ahead_channels = [ctx.module_channels[j] for j in ahead[k]]
+        ahead_channels, ahead_strides = [ctx.module_channels[j] for j in ahead[k]], [strides[j] for j in ahead[k]]
         target_channels, target_strides = [], []
-        if _is_target(method):
-            target_channels, target_strides = ahead_channels, [strides[j] for j in ahead[k]]
-            ahead_channels = []
+        if _is_target(method):  # the lookahead maps are predicted, not read
+            target_channels, target_strides, ahead_channels, ahead_strides = ahead_channels, ahead_strides, [], []
         if retina:
             width = settings["channels"]
             # Upsampled finer levels only where the bank gives the SLM nothing: bank maps are the
@@ -538,8 +537,7 @@ def build_fba_slms(method: "FBA", ctx: "BuildContext") -> list[nn.Module]:
             make_finer = settings["finer"] and not (finer_channels or ahead_channels)
             fpn = LocalFPN(channels, stride, width, finer_channels, [strides[j] for j in sources[k]], make_finer,
                            coarser=settings["coarser"] or method.share_head, ahead_channels=ahead_channels,
-                           ahead_strides=[strides[j] for j in ahead[k]] if ahead_channels else [],
-                           ahead_fusion=settings["lookahead_fusion"])
+                           ahead_strides=ahead_strides, ahead_fusion=settings["lookahead_fusion"])
             main = model.plain
             adapter = nn.Conv2d(width, main.backbone.out_channels, 1) if method.share_head else None
             head = LocalRetinaNetHead(main, fpn.strides, width, taps, settings["head_convs"], shared=method.share_head)
