@@ -145,13 +145,16 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
         init_from_checkpoint(model.plain, cfg["init_from"])
     K = 1 if method.end_to_end else cfg["K"]
     mode = cfg["partition"] if not method.end_to_end else "count"
-    costs, balance_checkpointed = None, frozenset()
-    if mode == "balanced" and isinstance(K, int) and 1 < K < len(model.specs):
-        balance_checkpointed = frozenset(checkpointed_modules(cfg["checkpoint"], method, K))
 
-        def costs():  # the probe runs only once the partitioner has accepted K and the cuts
-            return measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3,
-                                           num_samples, device)
+    # Called by the partitioner only once it has accepted K and the cuts and has more than one
+    # partition to choose from: the probe and the checkpoint list's check wait for a valid K.
+    def costs():
+        return measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3,
+                                       num_samples, device)
+
+    def balance_checkpointed():
+        return frozenset(checkpointed_modules(cfg["checkpoint"], method, K))
+
     groups = partition_units(model.specs, K, mode, None if method.end_to_end else cfg["cuts"], costs=costs,
                              checkpointed=balance_checkpointed)
     if model.set_partition is not None:

@@ -24,7 +24,7 @@ def partition_units(
     mode: str = "auto",
     cuts: Sequence[int] | None = None,
     costs: "UnitActivationBytes | Callable[[], UnitActivationBytes] | None" = None,
-    checkpointed: frozenset[int] = frozenset(),
+    checkpointed: "frozenset[int] | Callable[[], frozenset[int]]" = frozenset(),
 ) -> list[list[int]]:
     """Return K lists of unit indices, contiguous and covering every unit once.
 
@@ -42,7 +42,7 @@ def partition_units(
         costs: each unit's measured activation bytes, or a callable that measures them
             (called only once K and the cuts are known to be valid); read by ``"balanced"`` only.
         checkpointed: the modules that will run under activation checkpointing, which
-            ``"balanced"`` costs as such.
+            ``"balanced"`` costs as such, or a callable that names them (called like ``costs``).
     """
     n = len(specs)
     if mode not in PARTITION_MODES:
@@ -70,7 +70,8 @@ def partition_units(
         else:
             from fba.engine.balance import memory_balanced_groups
 
-            return memory_balanced_groups(costs() if callable(costs) else costs, K, checkpointed)
+            return memory_balanced_groups(costs() if callable(costs) else costs, K,
+                                          checkpointed() if callable(checkpointed) else checkpointed)
     if mode == "stage":
         if K != num_stages:
             raise ConfigError(f"K={K} with partition=stage: this backbone has {num_stages} stages, so K must be {num_stages}")
