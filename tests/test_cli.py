@@ -42,10 +42,21 @@ def test_train_json_and_run_folder(capsys, tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_train_with_the_balanced_partition_prints_cuts_that_pin_it(capsys, tmp_path):
+def test_train_with_the_balanced_partition_prints_cuts_that_pin_it(capsys, tmp_path, monkeypatch):
+    import fba.build
+
+    probe_sizes = []
+    measure = fba.build.measure_partition_costs
+
+    def spy(*args, **kwargs):
+        probe_sizes.append(kwargs.get("input_size", args[6] if len(args) > 6 else None))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(fba.build, "measure_partition_costs", spy)
     code, out, err = run_cli(capsys, "train", *FAST, "K=2", "partition=balanced", "train.epochs=1",
                              f"train.runs_dir={tmp_path}", "train.name=balanced")
     assert code == 0, err
+    assert probe_sizes == [8]  # the built-in digits' 8x8 images, not data.image_size (ImageNet's 224)
     line = next(text for text in (out + err).splitlines() if text.startswith("partition=balanced"))
     cuts = line.split("cuts=")[1].split(" ")[0]
     code, out, err = run_cli(capsys, "train", *FAST, "K=2", "partition=cuts", f"cuts={cuts}", "train.epochs=1",

@@ -1,5 +1,6 @@
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,16 +78,66 @@ def _largest(costs, groups, checkpointed=frozenset()):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_balanced_groups_minimise_the_largest_module(seed):
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_balanced_groups_minimise_the_largest_module_plus_the_auxiliary_weights(seed, with_weights):
     rng = torch.Generator().manual_seed(seed)
     n = 9
     costs = UnitActivationBytes(*[torch.randint(1, 1000, (n,), generator=rng).tolist() for _ in range(4)])
+    if with_weights:  # the last unit's "auxiliary network" is the head, which every partition has
+        costs = replace(costs, loss_net_weights=torch.randint(0, 500, (n - 1,), generator=rng).tolist() + [0])
     for K in range(1, n + 1):
         for checkpointed in (frozenset(), frozenset({0}), frozenset(range(K))):
             groups = memory_balanced_groups(costs, K, checkpointed)
             assert len(groups) == K and [i for g in groups for i in g] == list(range(n))
-            best = min(_largest(costs, p, checkpointed) for p in _all_partitions(n, K))
-            assert _largest(costs, groups, checkpointed) == best
+            best = min(costs.partition_bytes(p, checkpointed) for p in _all_partitions(n, K))
+            assert costs.partition_bytes(groups, checkpointed) == best
+            if not with_weights:
+                assert costs.partition_bytes(groups, checkpointed) == _largest(costs, groups, checkpointed)
+
+
+def test_a_heavy_auxiliary_network_moves_the_cut_that_activations_alone_would_choose():
+    costs = UnitActivationBytes(input=[0] * 4, unit=[10, 10, 1, 1], output=[0] * 4, loss_net=[0] * 4)
+    assert memory_balanced_groups(costs, 2) == [[0], [1, 2, 3]]  # largest module 12
+    # a module ending at unit 0 would train an auxiliary network of 5 bytes, one ending at
+    # unit 1 one of 1 byte: 10 + 5 against 20 + 1 still cuts after unit 0 ...
+    assert memory_balanced_groups(replace(costs, loss_net_weights=[5, 1, 1, 0]), 2) == [[0], [1, 2, 3]]
+    # ... but 12 + 15 against 20 + 1 does not
+    assert memory_balanced_groups(replace(costs, loss_net_weights=[15, 1, 1, 0]), 2) == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), 0.0),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4), 1.0),
+    (lambda p: torch.optim.Adam(p), 2.0),
+    (lambda p: torch.optim.AdamW(p, weight_decay=0.05), 2.0),
+])
+def test_optimizer_state_per_parameter_byte(make, expected):
+    from fba.engine.balance import optimizer_state_per_parameter_byte
+
+    parameter = torch.ones(3, requires_grad=True)
+    optimizer = make([parameter])
+    assert optimizer_state_per_parameter_byte(optimizer) == expected
+    assert torch.equal(parameter, torch.ones(3)) and not optimizer.state  # the run's optimizer is untouched
+
+
+def test_measured_auxiliary_weights_are_each_networks_parameters_buffers_and_optimizer_state():
+    from fba.build import build_learner, measure_partition_costs, resolve_device
+
+    # one unit per module: the learner's own auxiliary networks are the probe's
+    learner = build_learner(model="resnet8", method="fba", K=4, num_classes=4, **{"optim.name": "adamw"})
+    costs = measure_partition_costs(learner.config, 4, 4, 3, None, resolve_device("cpu"))
+    for net, measured in zip(learner.aux_nets, costs.loss_net_weights):
+        params = sum(p.numel() * p.element_size() for p in net.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in net.buffers())
+        assert measured == 3 * params + buffers  # the weights, AdamW's two moments, BatchNorm's statistics
+    assert len(costs.loss_net_weights) == 4 and costs.loss_net_weights[-1] == 0
+    # activations are given at the run's batch, the weights do not grow with it
+    double = measure_partition_costs({**learner.config, "data": {**learner.config["data"],
+                                      "batch_size": 2 * learner.config["data"]["batch_size"]}},
+                                     4, 4, 3, None, resolve_device("cpu"))
+    assert double.loss_net_weights == costs.loss_net_weights
+    for a, b in zip(costs.unit + costs.input + costs.loss_net, double.unit + double.input + double.loss_net):
+        assert b == pytest.approx(2 * a, rel=0.02, abs=8)
 
 
 def test_balanced_groups_move_cuts_towards_the_heavy_units():
@@ -105,7 +156,7 @@ def test_balanced_partition_of_a_learner_is_the_best_by_its_measured_costs():
     cfg = balanced.config
     costs = measure_partition_costs(cfg, 4, 4, 3, None, resolve_device("cpu"))
     assert all(value > 0 for value in costs.unit) and all(value > 0 for value in costs.loss_net)
-    assert _largest(costs, balanced.groups) == min(_largest(costs, p) for p in _all_partitions(4, 2))
+    assert costs.partition_bytes(balanced.groups) == min(costs.partition_bytes(p) for p in _all_partitions(4, 2))
     # the probe draws from its own RNG stream: the same initial weights, auxiliary networks
     # included (they are built after the probe), as the same cuts given by hand
     cuts = [group[0] for group in balanced.groups[1:]]

@@ -89,7 +89,8 @@ def scheduler_factory(optim: Mapping[str, Any], total_steps: int | None, steps_p
 
 def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, num_classes: int | None = None,
                   in_channels: int | None = None, num_samples: int | None = None,
-                  total_steps: int | None = None, steps_per_epoch: int | None = None, **kwargs: Any):
+                  total_steps: int | None = None, steps_per_epoch: int | None = None, input_size: int | None = None,
+                  **kwargs: Any):
     """Build a :class:`~fba.engine.learner.LocalLearner` from a config file, dict or keywords.
 
     Examples:
@@ -101,6 +102,9 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
         num_classes, in_channels: model shape (defaults 10 and 3).
         num_samples: training-set size, needed by the long-term bank.
         total_steps, steps_per_epoch: enable the per-step LR schedule.
+        input_size: the side of the training inputs, which ``partition=balanced`` measures the
+            units at (default: the task's size from the config, ``TaskPlugin.probe_input_size``;
+            classification's ``data.image_size`` is ImageNet's, so give CIFAR's 32 here).
         **kwargs: config keys, e.g. ``method="fba"``, ``K=4``, ``optim={"lr": 0.05}``,
             ``**{"fba.bank.source": "longterm"}``.
     """
@@ -110,7 +114,8 @@ def build_learner(config: str | Path | Mapping[str, Any] | None = None, /, *, nu
     # as it was (building a learner must not change what the caller draws next).
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(cfg["seed"])
-        return _build_learner(cfg, num_classes, in_channels, num_samples, total_steps, steps_per_epoch)
+        return _build_learner(cfg, num_classes, in_channels, num_samples, total_steps, steps_per_epoch,
+                              input_size=input_size)
 
 
 def build_inference_learner(config: Mapping[str, Any], num_classes: int | None = None, in_channels: int | None = None):
@@ -128,7 +133,8 @@ def build_inference_learner(config: Mapping[str, Any], num_classes: int | None =
 
 
 def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: int | None, num_samples: int | None,
-                   total_steps: int | None, steps_per_epoch: int | None, method: Any = None):
+                   total_steps: int | None, steps_per_epoch: int | None, method: Any = None,
+                   input_size: int | None = None):
     from fba.engine.learner import LocalLearner
     from fba.engine.partition import partition_units
     from fba.methods.base import BuildContext
@@ -150,7 +156,7 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
     # partition to choose from: the probe and the checkpoint list's check wait for a valid K.
     def costs():
         return measure_partition_costs(cfg, len(model.specs), num_classes or 10, in_channels or 3,
-                                       num_samples, device)
+                                       num_samples, device, input_size)
 
     def balance_checkpointed():
         return frozenset(checkpointed_modules(cfg["checkpoint"], method, K))
@@ -206,27 +212,31 @@ def _build_learner(cfg: dict[str, Any], num_classes: int | None, in_channels: in
 
 
 def measure_partition_costs(cfg: dict[str, Any], num_units: int, num_classes: int, in_channels: int,
-                            num_samples: int | None, device: torch.device):
-    """Each unit's activation bytes, for ``partition=balanced``.
+                            num_samples: int | None, device: torch.device, input_size: int | None = None):
+    """Each unit's activation bytes at the run's batch (``data.batch_size``), and its
+    auxiliary network's weights and state, for ``partition=balanced``.
 
     A probe learner of the config's model and method with one unit per module (no
-    checkpointing) takes one synthetic batch of 2 at the task's probe size
-    (``TaskPlugin.probe_input_size``). It draws from its own seeded RNG stream, so the real
+    checkpointing) takes one synthetic batch of 2 at ``input_size`` (default: the task's probe
+    size, ``TaskPlugin.probe_input_size``). It draws from its own seeded RNG stream, so the real
     learner's initial weights are those of any other partition.
     """
     from fba.engine.balance import measure_unit_activation_bytes
 
     probe_cfg = {**cfg, "K": num_units, "partition": "count", "cuts": None, "checkpoint": False, "init_from": None}
     plugin = get_task(cfg["task"])
+    probe_batch = 2
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.default_generator.manual_seed(cfg["seed"])
         # A long-term bank's table need not hold the dataset: the probe reads only its batch.
-        probe = _build_learner(probe_cfg, num_classes, in_channels, 2 if num_samples else None, None, None)
+        probe = _build_learner(probe_cfg, num_classes, in_channels, probe_batch if num_samples else None, None, None)
         generator = torch.Generator().manual_seed(cfg["seed"])
-        inputs, targets = plugin.synthetic_batch(probe_cfg, 2, in_channels, plugin.probe_input_size(cfg),
+        inputs, targets = plugin.synthetic_batch(probe_cfg, probe_batch, in_channels,
+                                                 input_size or plugin.probe_input_size(cfg),
                                                  num_classes, generator, device)
-        indices = torch.arange(2, device=device) if num_samples else None
-        return measure_unit_activation_bytes(probe, inputs, targets, indices, cfg["checkpoint_chunks"])
+        indices = torch.arange(probe_batch, device=device) if num_samples else None
+        costs = measure_unit_activation_bytes(probe, inputs, targets, indices, cfg["checkpoint_chunks"])
+    return costs.at_batch(cfg["data"]["batch_size"] / probe_batch)
 
 
 def checkpointed_modules(checkpoint: bool | list[int], method: Any, num_modules: int) -> set[int]:

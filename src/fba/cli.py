@@ -192,8 +192,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"data.image_size={given[-1]} and --input-size {args.input_size} disagree; give one of them")
     # Models built for an image size (detection's transform and anchors) must see the measured
-    # shape, not resize it to the config's size.
-    cfg = resolve_config(config_path, [*overrides, f"data.image_size={args.input_size}"])
+    # shape, not resize it to the config's size. The batch follows --batch-size without a
+    # check, since a training config's batch is no claim about the measurement; partition=
+    # balanced must see it, as it weighs activations (which grow with it) against weights.
+    cfg = resolve_config(config_path, [*overrides, f"data.image_size={args.input_size}",
+                                       f"data.batch_size={args.batch_size}"])
     methods = _methods_arg(args.methods)
     from fba.build import build_model
     from fba.engine.partition import check_partition

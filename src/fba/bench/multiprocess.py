@@ -81,8 +81,10 @@ def _worker(rank: int, cfg: dict, method: str, overrides: dict, mode: str, what:
     info = setup_from_env()
     device = device_for(info, resolve_device(cfg["device"]))
     step_overrides = {"optim.step": "per_module"} if mode == "pipeline" and cfg["optim"]["step"] == "auto" else {}
+    # data.batch_size is per process, as in training (partition=balanced weighs it)
+    per_rank = {"data.batch_size": batch_size // WORLD_SIZE} if mode == "ddp" else {}
     learner = build_learner({**cfg, "device": str(device)}, method=method, num_classes=num_classes,
-                            in_channels=in_channels, num_samples=num_samples, **overrides, **step_overrides)
+                            in_channels=in_channels, num_samples=num_samples, **{**overrides, **step_overrides, **per_rank})
     images, targets, indices = _synthetic_batch(cfg, batch_size, in_channels, input_size, num_classes, num_samples,
                                                 device)
     result: dict[str, Any] = {}

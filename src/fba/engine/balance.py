@@ -1,23 +1,28 @@
 """The memory-balanced partition (``partition=balanced``, DESIGN section 2).
 
 A local step holds one module's graph at a time: the module's saved activations, its
-auxiliary network's (or, for the last module, the head's) and the loss's. So the training
-peak above the weights is the largest module's activation bytes, and a partition is balanced
-when that largest figure is as small as K contiguous modules allow.
+auxiliary network's (or, for the last module, the head's) and the loss's. The auxiliary
+networks' weights and optimizer state, on the other hand, are held all the time, and which
+networks there are depends on the cuts (an FBA module ending in a deeper stage trains a copy
+of a wider block). So the training peak above the backbone's and head's weights (the same
+for every partition) is the largest module's activations plus every auxiliary network's
+weights and state, and a partition is balanced when that sum is as small as K contiguous
+modules allow.
 
 The bytes are measured, not modelled: one probe step of every unit alone (a learner with one
 unit per module, so each unit has the auxiliary network it would have as a module's last
-unit) counts the tensors autograd saves for backward, owner by owner. Every figure scales
-with the batch and the image area, so the argmin holds at other sizes (up to the rounding of
-strides); the weights, gradients and optimizer state are the same for every partition of the
-backbone and are left out. So are the auxiliary networks' own weights, which do change with
-the cuts and can outweigh what a cut saves (RetinaNet-R34 K=4: docs/detection.md, Memory).
+unit) counts the tensors autograd saves for backward, owner by owner, and each auxiliary
+network's parameters and buffers, with the optimizer's state per parameter byte measured on
+a one-parameter copy of the run's optimizer. Activations grow with the batch and the image
+area and the weights do not, so the probe's activation figures are scaled to the run's batch
+(:meth:`UnitActivationBytes.at_batch`) before the two are added.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,6 +47,9 @@ class UnitActivationBytes:
         recompute_chunks: the batch chunks a checkpointed module runs the unit in (the
             config's ``checkpoint_chunks`` for a unit with a batch-chunkable part, such as a
             conv-BatchNorm stem; 1 for the others; None: 1 for all).
+        loss_net_weights: what the auxiliary network of a module ending at the unit holds for
+            the whole run: its parameters, buffers and optimizer state (0 for the last unit,
+            whose head every partition has; None: 0 for all). Not per batch.
     """
 
     input: list[int]
@@ -49,6 +57,26 @@ class UnitActivationBytes:
     output: list[int]
     loss_net: list[int]
     recompute_chunks: list[int] | None = None
+    loss_net_weights: list[int] | None = None
+
+    def at_batch(self, factor: float) -> "UnitActivationBytes":
+        """The same costs with every activation figure multiplied by ``factor`` (the run's
+        batch over the probe's); the weights do not grow with the batch."""
+        def scaled(values: list[int]) -> list[int]:
+            return [round(v * factor) for v in values]
+
+        return replace(self, input=scaled(self.input), unit=scaled(self.unit), output=scaled(self.output),
+                       loss_net=scaled(self.loss_net))
+
+    def weights_bytes(self, last: int) -> int:
+        """What the auxiliary network of a module ending at unit ``last`` holds for the run."""
+        return self.loss_net_weights[last] if self.loss_net_weights else 0
+
+    def partition_bytes(self, groups: Sequence[Sequence[int]], checkpointed: frozenset[int] = frozenset()) -> int:
+        """What ``partition=balanced`` minimises: the largest module's activation bytes plus
+        every auxiliary network's weights and state (``groups``: contiguous unit indices)."""
+        return (max(self.module_bytes(g[0], g[-1], k in checkpointed) for k, g in enumerate(groups))
+                + sum(self.weights_bytes(g[-1]) for g in groups))
 
     def module_bytes(self, first: int, last: int, checkpointed: bool = False) -> int:
         """The activation bytes of a module of units ``first..last`` (inclusive).
@@ -63,36 +91,49 @@ class UnitActivationBytes:
         return self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last]
 
 
-def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float]) -> list[range]:
+def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float],
+                      fixed: Callable[[int, int, int], float] | None = None) -> list[range]:
     """K contiguous, non-empty ranges covering ``0..n-1`` that minimise the largest
-    ``cost(start, end, k)`` of range k (``start..end-1``).
+    ``cost(start, end, k)`` of range k (``start..end-1``), plus the sum of ``fixed(start, end,
+    k)`` over the ranges when given.
 
-    Ties go to the partition whose ranges start earliest (the DP keeps the first best cut),
-    so the result is deterministic. ``O(K n^2)`` calls of ``cost``.
+    Ties go to the partition whose ranges start earliest, so the result is deterministic. A
+    dynamic programme over the cut points keeps, for each prefix and number of ranges, the
+    cuts no other cuts beat on both the largest cost and the fixed sum (a Pareto front: one
+    entry without ``fixed``): ``O(K n^2 F)`` calls, F the largest front.
     """
     if not 1 <= K <= n:
         raise ValueError(f"K={K} for {n} items")
-    inf = float("inf")
-    # best[k][e]: the smallest largest cost of the first e items in k ranges
-    best = [[inf] * (n + 1) for _ in range(K + 1)]
-    cut = [[0] * (n + 1) for _ in range(K + 1)]
-    best[0][0] = 0
+    # front[k][end]: (largest cost, fixed sum, start of range k-1, index in front[k-1][start])
+    # for the non-dominated ways to cut items 0..end-1 into k ranges, by rising largest cost
+    front: list[list[list[tuple[float, float, int, int]]]] = [[[] for _ in range(n + 1)] for _ in range(K + 1)]
+    front[0][0] = [(0, 0, 0, -1)]
     for k in range(1, K + 1):
         for end in range(k, n - (K - k) + 1):
+            candidates = []
             for start in range(k - 1, end):
-                value = max(best[k - 1][start], cost(start, end, k - 1))
-                if value < best[k][end]:
-                    best[k][end], cut[k][end] = value, start
+                c = cost(start, end, k - 1)
+                f = fixed(start, end, k - 1) if fixed is not None else 0
+                for i, (largest, total, _, _) in enumerate(front[k - 1][start]):
+                    candidates.append((max(largest, c), total + f, start, i))
+            candidates.sort(key=lambda entry: entry[:3])
+            for entry in candidates:
+                if not front[k][end] or entry[1] < front[k][end][-1][1]:
+                    front[k][end].append(entry)
+    last = front[K][n]
+    index = min(range(len(last)), key=lambda i: (last[i][0] + last[i][1], i))
     ranges, end = [], n
     for k in range(K, 0, -1):
-        ranges.append(range(cut[k][end], end))
-        end = cut[k][end]
+        _, _, start, parent = front[k][end][index]
+        ranges.append(range(start, end))
+        end, index = start, parent
     return ranges[::-1]
 
 
 def memory_balanced_groups(costs: UnitActivationBytes, K: int,
                            checkpointed: frozenset[int] = frozenset()) -> list[list[int]]:
-    """K contiguous groups of unit indices minimising the largest module's activation bytes.
+    """K contiguous groups of unit indices minimising :meth:`UnitActivationBytes.partition_bytes`:
+    the largest module's activation bytes plus the auxiliary networks' weights and state.
 
     Args:
         checkpointed: indices of the modules that run under activation checkpointing.
@@ -100,7 +141,11 @@ def memory_balanced_groups(costs: UnitActivationBytes, K: int,
     def module(first: int, end: int, k: int) -> int:  # module k of units first..end-1
         return costs.module_bytes(first, end - 1, checkpointed=k in checkpointed)
 
-    return [list(group) for group in min_max_partition(len(costs.unit), K, module)]
+    def weights(_first: int, end: int, _k: int) -> int:
+        return costs.weights_bytes(end - 1)
+
+    fixed = weights if costs.loss_net_weights else None
+    return [list(group) for group in min_max_partition(len(costs.unit), K, module, fixed)]
 
 
 def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, indices: Tensor | None = None,
@@ -187,4 +232,34 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
     chunks = [checkpoint_chunks if checkpoint_chunks > 1 and any(isinstance(m, BatchChunkable)
                                                                   for m in unit.module.modules()) else 1
               for unit in learner.units]
-    return UnitActivationBytes(input_bytes, unit_bytes, output_bytes, loss_bytes, chunks)
+    return UnitActivationBytes(input_bytes, unit_bytes, output_bytes, loss_bytes, chunks,
+                               _auxiliary_weights_bytes(learner))
+
+
+def _auxiliary_weights_bytes(learner: Any) -> list[int]:
+    """Each unit's auxiliary network's parameters, buffers and optimizer state, in bytes; 0
+    for the last unit (the head) and for what an auxiliary network shares with the backbone
+    or the head (``fba.share_head``)."""
+    shared = {t.untyped_storage().data_ptr() for part in (learner.local_modules, learner.head)
+              for t in (*part.parameters(), *part.buffers())}
+    state_per_byte = optimizer_state_per_parameter_byte(learner.optimizers[0]) if learner.optimizers else 0.0
+    figures = []
+    for net in learner.aux_nets:
+        held = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), t.requires_grad)
+                for t in (*net.parameters(), *net.buffers())
+                if t.untyped_storage().data_ptr() not in shared}
+        figures.append(round(sum(nbytes * (1 + (state_per_byte if trained else 0)) for nbytes, trained in held.values())))
+    return figures + [0]
+
+
+def optimizer_state_per_parameter_byte(optimizer: torch.optim.Optimizer) -> float:
+    """The bytes of state ``optimizer``'s kind keeps per byte of parameter (SGD with momentum
+    1, Adam and AdamW 2, plain SGD 0), measured by one step of a fresh copy on one parameter."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    options = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("foreach", "fused")}
+    parameter = torch.zeros(1024, requires_grad=True)
+    copy = type(optimizer)([parameter], **options)
+    parameter.grad = torch.zeros_like(parameter)
+    copy.step()
+    state = [t for s in copy.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() == parameter.numel()]
+    return sum(t.untyped_storage().nbytes() for t in state) / parameter.untyped_storage().nbytes()

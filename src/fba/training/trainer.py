@@ -74,7 +74,7 @@ class Trainer:
         self.learner = build_learner(
             build_cfg, num_classes=getattr(self.info, "num_classes", None), in_channels=self.info.in_channels,
             num_samples=self.info.num_train, total_steps=self.steps_per_epoch * self.cfg["train"]["epochs"],
-            steps_per_epoch=self.steps_per_epoch)
+            steps_per_epoch=self.steps_per_epoch, input_size=getattr(self.info, "image_size", None))
         self.stage = None
         if self.pipelined:
             self.stage = self._pipeline_stage()
