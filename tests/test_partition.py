@@ -95,6 +95,19 @@ def test_balanced_groups_minimise_the_largest_module_plus_the_auxiliary_weights(
                 assert costs.partition_bytes(groups, checkpointed) == _largest(costs, groups, checkpointed)
 
 
+def test_module_bytes_of_a_checkpointed_module_count_the_recomputation_or_the_loss_side_not_both():
+    costs = UnitActivationBytes(input=[1, 2], unit=[40, 30], output=[2, 3], loss_net=[50, 20])
+    # the loss side's backward frees what it saved before the units are recomputed
+    assert costs.module_bytes(0, 1, checkpointed=True) == 1 + 2 + 3 + max(40, 20)
+    assert costs.module_bytes(0, 0, checkpointed=True) == 1 + 2 + max(40, 50)
+    assert costs.module_bytes(0, 1) == 1 + 40 + 30 + 20
+    # the module's gradients are held at its peak, with or without checkpointing
+    with_grads = replace(costs, grads=[5, 7], loss_net_grads=[11, 13])
+    assert with_grads.module_bytes(0, 1) == costs.module_bytes(0, 1) + 5 + 7 + 13
+    assert with_grads.module_bytes(1, 1, checkpointed=True) == costs.module_bytes(1, 1, checkpointed=True) + 7 + 13
+    assert with_grads.at_batch(2).grads == [5, 7]
+
+
 def test_a_heavy_auxiliary_network_moves_the_cut_that_activations_alone_would_choose():
     costs = UnitActivationBytes(input=[0] * 4, unit=[10, 10, 1, 1], output=[0] * 4, loss_net=[0] * 4)
     assert memory_balanced_groups(costs, 2) == [[0], [1, 2, 3]]  # largest module 12
@@ -131,11 +144,16 @@ def test_measured_auxiliary_weights_are_each_networks_parameters_buffers_and_opt
         buffers = sum(b.numel() * b.element_size() for b in net.buffers())
         assert measured == 3 * params + buffers  # the weights, AdamW's two moments, BatchNorm's statistics
     assert len(costs.loss_net_weights) == 4 and costs.loss_net_weights[-1] == 0
+    def nbytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    assert costs.grads == [nbytes(unit) for unit in learner.local_modules]
+    assert costs.loss_net_grads == [nbytes(net) for net in learner.aux_nets] + [nbytes(learner.head)]
     # activations are given at the run's batch, the weights do not grow with it
     double = measure_partition_costs({**learner.config, "data": {**learner.config["data"],
                                       "batch_size": 2 * learner.config["data"]["batch_size"]}},
                                      4, 4, 3, None, resolve_device("cpu"))
-    assert double.loss_net_weights == costs.loss_net_weights
+    assert double.loss_net_weights == costs.loss_net_weights and double.grads == costs.grads
     for a, b in zip(costs.unit + costs.input + costs.loss_net, double.unit + double.input + double.loss_net):
         assert b == pytest.approx(2 * a, rel=0.02, abs=8)
 

@@ -1,19 +1,20 @@
 """The memory-balanced partition (``partition=balanced``, DESIGN section 2).
 
 A local step holds one module's graph at a time: the module's saved activations, its
-auxiliary network's (or, for the last module, the head's) and the loss's. The auxiliary
-networks' weights and optimizer state, on the other hand, are held all the time, and which
-networks there are depends on the cuts (an FBA module ending in a deeper stage trains a copy
-of a wider block). So the training peak above the backbone's and head's weights (the same
-for every partition) is the largest module's activations plus every auxiliary network's
-weights and state, and a partition is balanced when that sum is as small as K contiguous
-modules allow.
+auxiliary network's (or, for the last module, the head's) and the loss's, and the module's
+gradients as its backward makes them. The auxiliary networks' weights and optimizer state,
+on the other hand, are held all the time, and which networks there are depends on the cuts
+(an FBA module ending in a deeper stage trains a copy of a wider block). So the training
+peak above the backbone's and head's weights (the same for every partition) is the largest
+module's cost plus every auxiliary network's weights and state, and a partition is
+balanced when that sum is as small as K contiguous modules allow.
 
 The bytes are measured, not modelled: one probe step of every unit alone (a learner with one
 unit per module, so each unit has the auxiliary network it would have as a module's last
-unit) counts the tensors autograd saves for backward, owner by owner, and each auxiliary
-network's parameters and buffers, with the optimizer's state per parameter byte measured on
-a one-parameter copy of the run's optimizer. Activations grow with the batch and the image
+unit) counts the tensors autograd saves for backward, owner by owner, each unit's and
+auxiliary network's trained parameters (their gradients), and each auxiliary network's
+parameters and buffers, with the optimizer's state per parameter byte measured on a
+one-parameter copy of the run's optimizer. Activations grow with the batch and the image
 area and the weights do not, so the probe's activation figures are scaled to the run's batch
 (:meth:`UnitActivationBytes.at_batch`) before the two are added.
 """
@@ -50,6 +51,9 @@ class UnitActivationBytes:
         loss_net_weights: what the auxiliary network of a module ending at the unit holds for
             the whole run: its parameters, buffers and optimizer state (0 for the last unit,
             whose head every partition has; None: 0 for all). Not per batch.
+        grads: the gradients of the unit's parameters, which its module holds at its peak
+            (per-module stepping frees them after the module's step; None: 0 for all).
+        loss_net_grads: the same for the auxiliary network (the head for the last unit).
     """
 
     input: list[int]
@@ -58,10 +62,12 @@ class UnitActivationBytes:
     loss_net: list[int]
     recompute_chunks: list[int] | None = None
     loss_net_weights: list[int] | None = None
+    grads: list[int] | None = None
+    loss_net_grads: list[int] | None = None
 
     def at_batch(self, factor: float) -> "UnitActivationBytes":
         """The same costs with every activation figure multiplied by ``factor`` (the run's
-        batch over the probe's); the weights do not grow with the batch."""
+        batch over the probe's); the weights and gradients do not grow with the batch."""
         def scaled(values: list[int]) -> list[int]:
             return [round(v * factor) for v in values]
 
@@ -79,16 +85,22 @@ class UnitActivationBytes:
                 + sum(self.weights_bytes(g[-1]) for g in groups))
 
     def module_bytes(self, first: int, last: int, checkpointed: bool = False) -> int:
-        """The activation bytes of a module of units ``first..last`` (inclusive).
+        """The activation bytes of a module of units ``first..last`` (inclusive), with the
+        gradients of its units and loss side, which its backward allocates while most of the
+        activations are still held (an upper bound: the first units' come last).
 
         A checkpointed module (``checkpoint=``) keeps each unit's input and its own output,
-        and recomputes one unit (or one batch chunk of it) at a time in its backward.
+        and recomputes one unit (or one batch chunk of it) at a time in its backward. The
+        recomputation starts only once the loss side's backward has freed what it saved (the
+        module's output feeds nothing else), so the two do not add up: the larger counts.
         """
+        grads = (sum(self.grads[first:last + 1]) if self.grads else 0) + \
+            (self.loss_net_grads[last] if self.loss_net_grads else 0)
         if checkpointed:
             chunks = self.recompute_chunks or [1] * len(self.unit)
             recompute = max(self.unit[i] // chunks[i] for i in range(first, last + 1))
-            return sum(self.input[first:last + 1]) + self.output[last] + recompute + self.loss_net[last]
-        return self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last]
+            return sum(self.input[first:last + 1]) + self.output[last] + max(recompute, self.loss_net[last]) + grads
+        return self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last] + grads
 
 
 def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float],
@@ -233,7 +245,23 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
                                                                   for m in unit.module.modules()) else 1
               for unit in learner.units]
     return UnitActivationBytes(input_bytes, unit_bytes, output_bytes, loss_bytes, chunks,
-                               _auxiliary_weights_bytes(learner))
+                               _auxiliary_weights_bytes(learner), *_gradient_bytes(learner))
+
+
+def _trained_bytes(module: torch.nn.Module, exclude: set[int] = frozenset()) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in module.parameters() if p.requires_grad}
+    return sum(nbytes for ptr, nbytes in storages.items() if ptr not in exclude)
+
+
+def _gradient_bytes(learner: Any) -> tuple[list[int], list[int]]:
+    """Each unit's and each unit's loss side's (auxiliary network, or the head for the last
+    unit) gradient bytes, in a learner with one unit per module."""
+    shared = {p.untyped_storage().data_ptr() for part in (learner.local_modules, learner.head)
+              for p in part.parameters()}
+    units = [_trained_bytes(module) for module in learner.local_modules]
+    loss_sides = [_trained_bytes(net, shared) for net in learner.aux_nets] + [_trained_bytes(learner.head)]
+    return units, loss_sides
 
 
 def _auxiliary_weights_bytes(learner: Any) -> list[int]:
