@@ -79,8 +79,8 @@ class UnitActivationBytes:
         return self.loss_net_weights[last] if self.loss_net_weights else 0
 
     def partition_bytes(self, groups: Sequence[Sequence[int]], checkpointed: frozenset[int] = frozenset()) -> int:
-        """What ``partition=balanced`` minimises: the largest module's activation bytes plus
-        every auxiliary network's weights and state (``groups``: contiguous unit indices)."""
+        """What ``partition=balanced`` minimises: the largest :meth:`module_bytes` plus every
+        auxiliary network's weights and state (``groups``: contiguous unit indices)."""
         return (max(self.module_bytes(g[0], g[-1], k in checkpointed) for k, g in enumerate(groups))
                 + sum(self.weights_bytes(g[-1]) for g in groups))
 
@@ -145,7 +145,7 @@ def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float],
 def memory_balanced_groups(costs: UnitActivationBytes, K: int,
                            checkpointed: frozenset[int] = frozenset()) -> list[list[int]]:
     """K contiguous groups of unit indices minimising :meth:`UnitActivationBytes.partition_bytes`:
-    the largest module's activation bytes plus the auxiliary networks' weights and state.
+    the largest module's cost plus the auxiliary networks' weights and state.
 
     Args:
         checkpointed: indices of the modules that run under activation checkpointing.
@@ -162,7 +162,8 @@ def memory_balanced_groups(costs: UnitActivationBytes, K: int,
 
 def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, indices: Tensor | None = None,
                                   checkpoint_chunks: int = 0) -> UnitActivationBytes:
-    """Count each unit's saved activations on one batch, in a learner with one unit per module.
+    """Count each unit's saved activations on one batch, in a learner with one unit per module,
+    with its gradient bytes and its auxiliary network's weights (not per batch).
 
     ``checkpoint_chunks`` is the config's: the batch chunks of a unit's batch-chunkable parts
     when its module is checkpointed (0: none).
@@ -245,39 +246,29 @@ def measure_unit_activation_bytes(learner: Any, inputs: Tensor, targets: Any, in
                                                                   for m in unit.module.modules()) else 1
               for unit in learner.units]
     return UnitActivationBytes(input_bytes, unit_bytes, output_bytes, loss_bytes, chunks,
-                               _auxiliary_weights_bytes(learner), *_gradient_bytes(learner))
+                               *_weights_and_gradient_bytes(learner))
 
 
-def _trained_bytes(module: torch.nn.Module, exclude: set[int] = frozenset()) -> int:
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-                for p in module.parameters() if p.requires_grad}
-    return sum(nbytes for ptr, nbytes in storages.items() if ptr not in exclude)
+def _weights_and_gradient_bytes(learner: Any) -> tuple[list[int], list[int], list[int]]:
+    """In a learner with one unit per module: each unit's auxiliary network's parameters,
+    buffers and optimizer state (0 for the last unit, whose loss side is the head), each
+    unit's gradient bytes, and each unit's loss side's (auxiliary network, or the head for
+    the last unit). What an auxiliary network shares with the backbone or the head
+    (``fba.share_head``) counts with them, not with it."""
+    def storages(module: torch.nn.Module, buffers: bool = False) -> dict[int, tuple[int, bool]]:
+        tensors = (*module.parameters(), *(module.buffers() if buffers else ()))
+        return {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), t.requires_grad) for t in tensors}
 
+    def trained(held: dict[int, tuple[int, bool]]) -> int:
+        return sum(nbytes for nbytes, requires_grad in held.values() if requires_grad)
 
-def _gradient_bytes(learner: Any) -> tuple[list[int], list[int]]:
-    """Each unit's and each unit's loss side's (auxiliary network, or the head for the last
-    unit) gradient bytes, in a learner with one unit per module."""
-    shared = {p.untyped_storage().data_ptr() for part in (learner.local_modules, learner.head)
-              for p in part.parameters()}
-    units = [_trained_bytes(module) for module in learner.local_modules]
-    loss_sides = [_trained_bytes(net, shared) for net in learner.aux_nets] + [_trained_bytes(learner.head)]
-    return units, loss_sides
-
-
-def _auxiliary_weights_bytes(learner: Any) -> list[int]:
-    """Each unit's auxiliary network's parameters, buffers and optimizer state, in bytes; 0
-    for the last unit (the head) and for what an auxiliary network shares with the backbone
-    or the head (``fba.share_head``)."""
-    shared = {t.untyped_storage().data_ptr() for part in (learner.local_modules, learner.head)
-              for t in (*part.parameters(), *part.buffers())}
+    shared = {*storages(learner.local_modules, buffers=True), *storages(learner.head, buffers=True)}
+    own = [{ptr: v for ptr, v in storages(net, buffers=True).items() if ptr not in shared} for net in learner.aux_nets]
     state_per_byte = optimizer_state_per_parameter_byte(learner.optimizers[0]) if learner.optimizers else 0.0
-    figures = []
-    for net in learner.aux_nets:
-        held = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), t.requires_grad)
-                for t in (*net.parameters(), *net.buffers())
-                if t.untyped_storage().data_ptr() not in shared}
-        figures.append(round(sum(nbytes * (1 + (state_per_byte if trained else 0)) for nbytes, trained in held.values())))
-    return figures + [0]
+    weights = [round(sum(nbytes for nbytes, _ in held.values()) + state_per_byte * trained(held)) for held in own]
+    unit_grads = [trained(storages(module)) for module in learner.local_modules]
+    loss_side_grads = [trained(held) for held in own] + [trained(storages(learner.head))]
+    return weights + [0], unit_grads, loss_side_grads
 
 
 def optimizer_state_per_parameter_byte(optimizer: torch.optim.Optimizer) -> float:
