@@ -101,11 +101,26 @@ def test_module_bytes_of_a_checkpointed_module_count_the_recomputation_or_the_lo
     assert costs.module_bytes(0, 1, checkpointed=True) == 1 + 2 + 3 + max(40, 20)
     assert costs.module_bytes(0, 0, checkpointed=True) == 1 + 2 + max(40, 50)
     assert costs.module_bytes(0, 1) == 1 + 40 + 30 + 20
-    # the module's gradients are held at its peak, with or without checkpointing
-    with_grads = replace(costs, grads=[5, 7], loss_net_grads=[11, 13])
-    assert with_grads.module_bytes(0, 1) == costs.module_bytes(0, 1) + 5 + 7 + 13
-    assert with_grads.module_bytes(1, 1, checkpointed=True) == costs.module_bytes(1, 1, checkpointed=True) + 7 + 13
-    assert with_grads.at_batch(2).grads == [5, 7]
+    assert with_grads_of(costs).at_batch(2).grads == [5, 7]
+
+
+def with_grads_of(costs):
+    return replace(costs, grads=[5, 7], loss_net_grads=[11, 13])
+
+
+def test_module_bytes_count_each_gradient_from_the_backward_phase_that_makes_it():
+    costs = UnitActivationBytes(input=[1, 2], unit=[40, 30], output=[2, 3], loss_net=[50, 20])
+    grads = with_grads_of(costs)
+    # loss side's backward: every activation and the loss side's gradients (13); unit 1's: its
+    # and unit 0's activations, gradients 13 + 7; unit 0's: its own, gradients 13 + 7 + 5
+    assert grads.module_bytes(0, 1) == max(1 + 40 + 30 + 20 + 13, 1 + 40 + 30 + 13 + 7, 1 + 40 + 13 + 7 + 5)
+    # gradients that come after the heavy activations are gone do not set the peak
+    light_first = replace(grads, unit=[4, 30], grads=[60, 7])
+    assert light_first.module_bytes(0, 1) == max(1 + 4 + 30 + 20 + 13, 1 + 4 + 30 + 13 + 7, 1 + 4 + 13 + 7 + 60)
+    assert light_first.module_bytes(0, 1) < 1 + 4 + 30 + 20 + 13 + 7 + 60  # the old upper bound
+    # checkpointed: the inputs and output held, then the largest phase
+    assert grads.module_bytes(0, 1, checkpointed=True) == 1 + 2 + 3 + max(20 + 13, 30 + 13 + 7, 40 + 13 + 7 + 5)
+    assert grads.module_bytes(1, 1, checkpointed=True) == 2 + 3 + max(20 + 13, 30 + 13 + 7)
 
 
 def test_a_heavy_auxiliary_network_moves_the_cut_that_activations_alone_would_choose():

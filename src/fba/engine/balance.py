@@ -51,7 +51,7 @@ class UnitActivationBytes:
         loss_net_weights: what the auxiliary network of a module ending at the unit holds for
             the whole run: its parameters, buffers and optimizer state (0 for the last unit,
             whose head every partition has; None: 0 for all). Not per batch.
-        grads: the gradients of the unit's parameters, which its module holds at its peak
+        grads: the gradients of the unit's parameters, which its module's backward makes
             (per-module stepping frees them after the module's step; None: 0 for all).
         loss_net_grads: the same for the auxiliary network (the head for the last unit).
     """
@@ -85,22 +85,36 @@ class UnitActivationBytes:
                 + sum(self.weights_bytes(g[-1]) for g in groups))
 
     def module_bytes(self, first: int, last: int, checkpointed: bool = False) -> int:
-        """The activation bytes of a module of units ``first..last`` (inclusive), with the
-        gradients of its units and loss side, which its backward allocates while most of the
-        activations are still held (an upper bound: the first units' come last).
+        """The peak bytes of a module of units ``first..last`` (inclusive) in its local step:
+        activations and the gradients its backward has made by then.
+
+        The backward runs the loss side first, then the units from the last to the first.
+        Autograd frees what a unit saved once the unit's backward has run, and each unit's
+        gradients appear during it. So the peak is the larger of the loss side's phase (every
+        unit's activations, the loss side's, its gradients) and, for each unit u, u's phase:
+        the activations of units ``first..u``, the loss side's gradients and those of units
+        ``u..last``. The first units' gradients are thus never counted with the last units'
+        activations; within a phase all of its gradients count (an upper bound).
 
         A checkpointed module (``checkpoint=``) keeps each unit's input and its own output,
         and recomputes one unit (or one batch chunk of it) at a time in its backward. The
         recomputation starts only once the loss side's backward has freed what it saved (the
-        module's output feeds nothing else), so the two do not add up: the larger counts.
+        module's output feeds nothing else), so the two do not add up: the larger phase counts.
         """
-        grads = (sum(self.grads[first:last + 1]) if self.grads else 0) + \
-            (self.loss_net_grads[last] if self.loss_net_grads else 0)
+        loss_side_grads = self.loss_net_grads[last] if self.loss_net_grads else 0
+
+        def grads_from(u: int) -> int:  # the gradients held while unit u's backward runs
+            return loss_side_grads + (sum(self.grads[u:last + 1]) if self.grads else 0)
+
+        units = range(first, last + 1)
         if checkpointed:
             chunks = self.recompute_chunks or [1] * len(self.unit)
-            recompute = max(self.unit[i] // chunks[i] for i in range(first, last + 1))
-            return sum(self.input[first:last + 1]) + self.output[last] + max(recompute, self.loss_net[last]) + grads
-        return self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last] + grads
+            held = sum(self.input[first:last + 1]) + self.output[last]
+            return held + max(self.loss_net[last] + loss_side_grads,
+                              max(self.unit[u] // chunks[u] + grads_from(u) for u in units))
+        loss_phase = self.input[first] + sum(self.unit[first:last + 1]) + self.loss_net[last] + loss_side_grads
+        unit_phases = (self.input[first] + sum(self.unit[first:u + 1]) + grads_from(u) for u in units)
+        return max(loss_phase, *unit_phases)
 
 
 def min_max_partition(n: int, K: int, cost: Callable[[int, int, int], float],
